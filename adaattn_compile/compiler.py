@@ -1,0 +1,172 @@
+"""The ``adaattn`` torch.compile backend: find attention, rewrite it, hand the rest on.
+
+Kept pure: Dynamo may call a backend several times for one frame (dynamic-shape restarts),
+so each call works only on the graph it is given and records what it did. If our pass raises,
+the graph is compiled unchanged and one warning says so: matching must never cost a model.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+import time
+import warnings
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.fx as fx
+
+from . import op
+from .options import Options
+from .passes.graph_utils import hint, location, meta, short_path
+from .passes.match import AttentionMatch, find_attention
+from .passes.rewrite import erase_dead, new_site_id, rewrite_site
+from .report import Decision, GraphRecord, Site, SkippedSite
+
+log = logging.getLogger("adaattn")
+
+_graph_ids = itertools.count()
+_recorders: List[List[GraphRecord]] = []
+_recorders_lock = threading.Lock()
+
+
+def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecord:
+    """Match and rewrite every attention site of ``gm`` in place; never raises."""
+    record = GraphRecord(name=name, code_before=gm.code)
+    start = time.perf_counter()
+    backup = _copy_graph(gm.graph)
+    try:
+        matches, skipped = find_attention(gm)
+        record.skipped = [SkippedSite(name, s.location, s.what, s.reason) for s in skipped]
+        dead = []
+        for m in matches:
+            site_id = new_site_id()
+            call = rewrite_site(gm, m, site_id, options.policy, options.kernel)
+            op.register_site(site_id, options)
+            record.sites.append(_describe_site(m, call, site_id, name, options))
+            dead += m.chain + [m.out_node]
+        erase_dead(gm, dead)
+        gm.graph.lint()
+        gm.recompile()
+    except Exception as exc:  # never break a model: compile the original graph
+        gm.graph = backup
+        gm.recompile()
+        record.sites = []
+        record.error = f"{type(exc).__name__}: {exc}"
+        message = (f"adaattn: rewriting {name} failed ({record.error}); "
+                   "its attention runs as written")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    record.pass_seconds = time.perf_counter() - start
+    record.code_after = gm.code
+    return record
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy to restore if the rewrite fails. Dynamo keeps facts on placeholder nodes as plain
+    attributes (``_dynamo_source``) that Graph copies drop: carry them over."""
+    backup = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, backup.nodes):
+        for attr, value in vars(old).items():
+            if attr.startswith("_dynamo"):
+                setattr(new, attr, value)
+    return backup
+
+
+def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
+                   options: Options) -> Site:
+    q, k, v, mask = (meta(a) for a in call.args[:4])
+    if any(t is None for t in (q, k, v)):
+        raise RuntimeError("lost shape metadata while rewriting")
+    mask_kind = None if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+    dynamic = not all(isinstance(s, int) for s in (*q.shape, *k.shape))
+    unsupported = None
+    if options.kernel != "reference":
+        try:
+            unsupported = op._flash_unsupported(q, k, v, mask, m.dropout_p)
+        except Exception as exc:
+            unsupported = f"kernel check failed: {exc}"
+    problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported)
+    problem = type(problem)(**{**problem.__dict__, "q_len": hint(q.shape[-2]),
+                               "k_len": hint(k.shape[-2])})
+    device = q.device
+    info = op.device_info(device) if device.type != "meta" else op.planner.DeviceInfo("meta")
+    chosen = op.planner.plan(info, problem, options)
+    return Site(
+        id=site_id, graph=graph, pattern=m.pattern, location=m.location,
+        q_shape=tuple(hint(s) for s in q.shape), k_shape=tuple(hint(s) for s in k.shape),
+        v_shape=tuple(hint(s) for s in v.shape), dtype=str(q.dtype).replace("torch.", ""),
+        causal=m.causal, mask=mask_kind, scale=m.scale, dropout_p=m.dropout_p,
+        gqa_groups=m.gqa_groups,
+        decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
+                          chosen.reason, site_id),
+        notes=tuple(m.notes), dynamic=dynamic)
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    if inner == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    return gm.forward
+
+
+class AdaAttnBackend:
+    """A backend callable bound to validated options (``adaattn_compile.backend(**options)``)."""
+
+    def __init__(self, options: Options, recorder: Optional[List[GraphRecord]] = None):
+        self.options = options
+        self.recorder = recorder
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
+        options = self.options
+        if kwargs.get("options") is not None:
+            options = Options.parse({**dataclass_dict(self.options), **kwargs.pop("options")})
+        return compile_graph(gm, example_inputs, options, self.recorder)
+
+    def __repr__(self) -> str:
+        return f"adaattn_compile.backend({self.options.describe()})"
+
+
+def dataclass_dict(options: Options) -> dict:
+    return dict(options.__dict__)
+
+
+def compile_graph(gm, example_inputs, options: Options, recorder=None):
+    name = f"graph{next(_graph_ids)}"
+    record = rewrite_graph(gm, options, name)
+    log.info("adaattn: %s: %d site(s) rewritten, %d skipped (%.1f ms)", name, len(record.sites),
+             len(record.skipped), record.pass_seconds * 1e3)
+    with _recorders_lock:
+        targets = list(_recorders) + ([recorder] if recorder is not None else [])
+    for target in targets:
+        target.append(record)
+    start = time.perf_counter()
+    compiled = inner_compile(gm, example_inputs, options.inner)
+    record.inner_seconds = time.perf_counter() - start
+    return compiled
+
+
+def adaattn_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
+    """Entry point registered as ``torch_dynamo_backends: adaattn``."""
+    if kwargs:
+        raise TypeError(f"adaattn backend: unexpected argument(s) {sorted(kwargs)}")
+    return compile_graph(gm, example_inputs, Options.parse(options))
+
+
+class record_graphs:
+    """Context manager collecting every GraphRecord compiled inside it (any backend instance)."""
+
+    def __enter__(self) -> List[GraphRecord]:
+        self.records: List[GraphRecord] = []
+        with _recorders_lock:
+            _recorders.append(self.records)
+        return self.records
+
+    def __exit__(self, *exc):
+        with _recorders_lock:
+            _recorders.remove(self.records)
+        return False

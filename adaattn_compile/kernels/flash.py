@@ -1,0 +1,815 @@
+"""Dense flash attention in Triton: forward and backward (FlashAttention-2 algorithm).
+
+Public API (used by the rest of the package):
+
+* :func:`supports` -- ``None`` if the kernel can run the inputs, else a short human reason.
+* :func:`flash_forward` -- ``(out, lse)``.
+* :func:`flash_backward` -- ``(dq, dk, dv, d_mask)``.
+
+Layout: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)`` with ``Hq % Hkv == 0``
+(GQA / MQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``; K/V are never repeated).
+Inputs are read through their strides (a copy is made only when the last dim is not unit-stride).
+
+Numerics: fp16 / bf16 / fp32 inputs, fp32 accumulation, fp32 softmax statistics computed with
+``exp2`` (``log2(e)`` folded into the scale). fp32 inputs use TF32 tensor cores only when torch
+allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32`` or
+``torch.get_float32_matmul_precision() != "highest"``), else full-precision ("ieee") dots.
+
+Masks: ``attn_mask`` is ``None``, a bool tensor (True = attend) or a float tensor added to the
+scaled scores, broadcastable to ``(B, Hq, Lq, Lk)``. Broadcast dims are read with stride 0, tile
+by tile; the mask is never expanded in memory. ``is_causal`` is top-left aligned like
+``F.scaled_dot_product_attention(is_causal=True)``: query ``i`` attends keys ``j <= i``; blocks
+above the diagonal are skipped and only diagonal / ragged-edge blocks pay for element masking.
+
+Fully masked rows (every key masked out): the output row is 0 and ``lse`` is ``-inf``; their
+gradients are 0. This matches the math path of ``F.scaled_dot_product_attention`` in
+torch >= 2.5 (which uses a "safe" softmax returning zeros for fully masked rows).
+
+Block sizes are autotuned (``triton.autotune``), keyed by head dims, causal, mask kind and the
+tensors' dtypes; the candidate list depends on the head-dim bucket and on the GPU's compute
+capability (one autotuner per (kernel, bucket, capability)). Under ``TRITON_INTERPRET=1`` a
+single small configuration is used.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["supports", "flash_forward", "flash_backward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------
+# small jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROW: tl.constexpr, CHECK_COL: tl.constexpr):
+    """Load a 2-D tile, predicating only the dims that can run out of bounds (zero fill)."""
+    if CHECK_ROW:
+        if CHECK_COL:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COL:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_mask_tile(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+                    R_BCAST: tl.constexpr, C_BCAST: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Load a (R, C) tile of the (broadcast) attention mask as fp32 additive values or int1.
+
+    R_BCAST / C_BCAST: that dim has stride 0, so one vector is loaded and broadcast."""
+    if R_BCAST:
+        if C_BCAST:
+            m = tl.load(mask_base + (offs_r[:, None] * 0 + offs_c[None, :] * 0))  # one value
+        else:
+            m = tl.load(mask_base + offs_c * stride_c, mask=offs_c < n_c, other=0)
+            m = tl.broadcast_to(m[None, :], (offs_r.shape[0], offs_c.shape[0]))
+    else:
+        if C_BCAST:
+            m = tl.load(mask_base + offs_r * stride_r, mask=offs_r < n_r, other=0)
+            m = tl.broadcast_to(m[:, None], (offs_r.shape[0], offs_c.shape[0]))
+        else:
+            m = tl.load(mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                        mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0)
+    if MASK_BOOL:
+        m = m != 0
+    else:
+        m = m.to(tl.float32)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+               offs_m, offs_d, offs_dv, lo, hi, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+               MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr):
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_nb
+        n_ok = offs_n < Lk
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     n_ok, d_ok, BOUNDARY, not EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_MASK:
+            am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
+                                 MASK_RB, MASK_CB, MASK_BOOL)
+            if MASK_BOOL:
+                qk = tl.where(am, qk * qk_scale, float("-inf"))
+            else:
+                qk = qk * qk_scale + am * 1.4426950408889634
+        else:
+            qk = qk * qk_scale
+        if BOUNDARY:
+            ok = n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(ok, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        if HAS_MASK:
+            # rows with no unmasked key so far: keep exp2 arguments finite (-inf - -inf = nan)
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            m_use = m_ij
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
+def _attn_fwd(Q, K, V, Mask, Out, LSE,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              stride_lb, stride_lh, stride_lm,
+              Hq, GROUP, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+              MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    EVEN_DV: tl.constexpr = BLOCK_DV == DV
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hq
+    off_h = pid_bh % Hq
+    off_hk = off_h // GROUP
+    off_b64 = off_b.to(tl.int64)
+
+    q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+
+    q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 m_ok, offs_d < D, True, not EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+        full_hi = (tl.minimum(start_m, Lk) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    # blocks that need no element masking
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               offs_m, offs_d, offs_dv, 0, full_hi, Lq, Lk, D, DV, qk_scale,
+                               BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, False, CAUSAL,
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+    # diagonal (causal) and ragged-edge blocks
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               offs_m, offs_d, offs_dv, full_hi, hi, Lq, Lk, D, DV, qk_scale,
+                               BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, True, CAUSAL,
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+
+    if HAS_MASK:
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    else:
+        l_safe = l_i
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    out = acc / l_safe[:, None]
+
+    o_base = Out + off_b64 * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    l_base = LSE + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh
+    tl.store(l_base + offs_m * stride_lm, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["Lq"])
+def _bwd_preprocess(Out, DO, LSE, Delta, LSE2,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_gb, stride_gh, stride_gm, stride_gd,
+                    stride_lb, stride_lh, stride_lm,
+                    Hq, Lq, DV: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O); lse2 = lse * log2(e) with -inf (fully masked rows) -> +inf."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // Hq).to(tl.int64)
+    off_h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    msk = m_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gm
+                 + offs_dv[None, :] * stride_gd, mask=msk, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm,
+                  mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    tl.store(Delta + row, delta, mask=m_ok)
+    tl.store(LSE2 + row, lse2, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, ds_base,
+                    stride_qm, stride_qd, stride_gm, stride_gd, stride_mm, stride_mn,
+                    offs_n, offs_d, offs_dv, lo, hi, Lq, Lk, D: tl.constexpr, DV: tl.constexpr,
+                    qk_scale, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                    BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                    MASK_RB: tl.constexpr, MASK_CB: tl.constexpr,
+                    STORE_DS: tl.constexpr, PREC: tl.constexpr):
+    offs_mb = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_mb
+        m_ok = offs_m < Lq
+        q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                     m_ok, d_ok, BOUNDARY, not EVEN_D)
+        if BOUNDARY:
+            lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        else:
+            lse2 = tl.load(lse_base + offs_m)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+        if HAS_MASK:
+            amT = _load_mask_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, Lk, Lq,
+                                  MASK_CB, MASK_RB, MASK_BOOL)
+            if MASK_BOOL:
+                pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+                pT = tl.where(amT, pT, 0.0)
+            else:
+                pT = tl.math.exp2(qkT * qk_scale + amT * 1.4426950408889634 - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if BOUNDARY:
+            ok = m_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[None, :] >= offs_n[:, None])
+            pT = tl.where(ok, pT, 0.0)
+        do = _load_2d(do_base + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                      m_ok, dv_ok, BOUNDARY, not EVEN_DV)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        if BOUNDARY:
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            delta = tl.load(delta_base + offs_m)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if STORE_DS:
+            tl.store(ds_base + offs_m[None, :] * Lk + offs_n[:, None], dsT,
+                     mask=m_ok[None, :] & (offs_n[:, None] < Lk))
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
+def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_gb, stride_gh, stride_gm, stride_gd,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   Hq, Hkv, GROUP, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale, sm_scale,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                   MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, STORE_DS: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    EVEN_DV: tl.constexpr = BLOCK_DV == DV
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hkv
+    off_hk = pid_bh % Hkv
+    off_b64 = off_b.to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Lk
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    k = _load_2d(K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+                 + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                 n_ok, d_ok, True, not EVEN_D)
+    v = _load_2d(V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+                 + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                 n_ok, dv_ok, True, not EVEN_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lq_ceil = tl.cdiv(Lq, BLOCK_M) * BLOCK_M
+    lq_floor = (Lq // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, lq_ceil)
+        diag_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, lq_ceil)
+    else:
+        lo = 0
+        diag_hi = 0
+    full_hi = tl.maximum(diag_hi, lq_floor)
+
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b64 * Hq + off_h
+        q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b64 * stride_gb + off_h.to(tl.int64) * stride_gh
+        mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+        lse_base = LSE2 + bh * Lq
+        delta_base = Delta + bh * Lq
+        ds_base = DS + bh * Lq * Lk
+        # causal diagonal blocks (masked)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, lo, diag_hi,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        # full blocks
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, diag_hi, full_hi,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, False, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        # ragged tail of the query rows (masked)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, full_hi, Lq,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+
+    dk = dk * sm_scale
+    st_ok = n_ok[:, None]
+    tl.store(DK + off_b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=st_ok & d_ok[None, :])
+    tl.store(DV_ + off_b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV_.dtype.element_ty), mask=st_ok & dv_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                  offs_m, offs_d, offs_dv, lo, hi, Lq, Lk, D: tl.constexpr, DV: tl.constexpr,
+                  qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                  BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                  MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr):
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_nb
+        n_ok = offs_n < Lk
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     n_ok, d_ok, BOUNDARY, not EVEN_D)
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_MASK:
+            am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
+                                 MASK_RB, MASK_CB, MASK_BOOL)
+            if MASK_BOOL:
+                p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+                p = tl.where(am, p, 0.0)
+            else:
+                p = tl.math.exp2(qk * qk_scale + am * 1.4426950408889634 - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if BOUNDARY:
+            ok = n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
+def _attn_bwd_dq(Q, K, V, Mask, DO, LSE2, Delta, DQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_gb, stride_gh, stride_gm, stride_gd,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 Hq, GROUP, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale, sm_scale,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                 MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    EVEN_DV: tl.constexpr = BLOCK_DV == DV
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hq
+    off_h = pid_bh % Hq
+    off_hk = off_h // GROUP
+    off_b64 = off_b.to(tl.int64)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+
+    q = _load_2d(Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                 m_ok, d_ok, True, not EVEN_D)
+    do = _load_2d(DO + off_b64 * stride_gb + off_h.to(tl.int64) * stride_gh
+                  + offs_m[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                  m_ok, offs_dv < DV, True, not EVEN_DV)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse2 = tl.load(LSE2 + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+
+    k_base = K + off_b64 * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b64 * stride_vb + off_hk.to(tl.int64) * stride_vh
+    mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+        full_hi = (tl.minimum(start_m, Lk) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       offs_m, offs_d, offs_dv, 0, full_hi, Lq, Lk, D, DV, qk_scale,
+                       BLOCK_N, EVEN_D, EVEN_DV, False, CAUSAL,
+                       HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       offs_m, offs_d, offs_dv, full_hi, hi, Lq, Lk, D, DV, qk_scale,
+                       BLOCK_N, EVEN_D, EVEN_DV, True, CAUSAL,
+                       HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b64 * stride_dqb + off_h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations / autotuning
+# ----------------------------------------------------------------------------------------------
+_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_MASK", "MASK_BOOL", "PREC"]
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _bucket(bd):
+    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+
+
+def _configs(kind, bucket, cap):
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages). Causal tiling needs BLOCK_N | BLOCK_M (fwd,
+    dq) and BLOCK_M | BLOCK_N (dkdv): every candidate below satisfies that."""
+    if _INTERPRET:
+        return {"fwd": [_cfg(32, 16, 4, 1)], "dkdv": [_cfg(16, 32, 4, 1)],
+                "dq": [_cfg(32, 16, 4, 1)]}[kind]
+    big_smem = cap[0] >= 9 or cap in ((8, 0), (8, 7))  # H100/A100-class shared memory
+    if kind == "fwd":
+        if bucket == 64:
+            c = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)]
+        elif bucket == 128:
+            c = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)]
+        else:
+            c = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+        if not big_smem:
+            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 128 * 64]
+    elif kind == "dkdv":  # BLOCK_M = query step, BLOCK_N = kv block per program
+        if bucket == 64:
+            c = [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3)]
+        elif bucket == 128:
+            c = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)]
+        else:
+            c = [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)]
+        if not big_smem:
+            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 64 * 64]
+    else:  # dq
+        if bucket == 64:
+            c = [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3)]
+        elif bucket == 128:
+            c = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+        else:
+            c = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)]
+        if not big_smem:
+            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 64 * 64]
+    return [_cfg(*x) for x in c] or [_cfg(64, 32, 4, 2)]
+
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNED: dict = {}
+
+
+def _capability(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return (0, 0)
+
+
+def _autotune_enabled():
+    """``ADAATTN_FLASH_AUTOTUNE=0`` uses each list's first (heuristic) config without timing:
+    quick start-up, e.g. for tests that compile many shape variants."""
+    return os.environ.get("ADAATTN_FLASH_AUTOTUNE", "1") not in ("0", "false", "False", "")
+
+
+def _tuned(kind, bd, device):
+    cap = _capability(device)
+    tune = _autotune_enabled()
+    key = (kind, _bucket(bd), cap, tune)
+    fn = _TUNED.get(key)
+    if fn is None:
+        cfgs = _configs(kind, key[1], cap)
+        fn = triton.autotune(configs=cfgs if tune else cfgs[:1], key=_KEY)(_KERNELS[kind])
+        _TUNED[key] = fn
+    return fn
+
+
+def _precision(dtype):
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs
+    if _INTERPRET:
+        return "ieee"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    if allow or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dt):
+    return str(dt).replace("torch.", "")
+
+
+def supports(q, k, v, attn_mask=None, dropout_p=0.0):
+    """None if :func:`flash_forward` / :func:`flash_backward` can run these inputs, else a reason."""
+    if dropout_p and dropout_p > 0:
+        return "dropout not supported by the Triton kernel"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} has {t.dim()} dims, expected 4 (B, H, L, D)"
+        if t.dtype not in _DTYPES:
+            return f"dtype {_dtype_name(t.dtype)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes {_dtype_name(q.dtype)}/{_dtype_name(k.dtype)}/{_dtype_name(v.dtype)}"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        return f"device {q.device.type} (the Triton kernel needs CUDA)"
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        return "batch sizes of q, k, v differ"
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        return "k and v shapes disagree"
+    if k.shape[3] != D:
+        return "q and k head dims differ"
+    Dv = v.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        return f"query heads {Hq} not a multiple of kv heads {Hkv}"
+    if D > _MAX_HEAD_DIM:
+        return f"head dim {D} > {_MAX_HEAD_DIM}"
+    if Dv > _MAX_HEAD_DIM:
+        return f"value head dim {Dv} > {_MAX_HEAD_DIM}"
+    if min(B, Hq, Lq, Lk, D, Dv) == 0:
+        return "empty input"
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and _capability(q.device)[0] < 8:
+        return "bfloat16 needs compute capability >= 8.0"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            return "attn_mask is not a tensor"
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            return f"mask dtype {_dtype_name(attn_mask.dtype)}"
+        if attn_mask.dim() > 4:
+            return f"mask has {attn_mask.dim()} dims"
+        if attn_mask.device != q.device:
+            return "mask on a different device"
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
+        except RuntimeError:
+            return f"mask shape {tuple(attn_mask.shape)} not broadcastable to {(B, Hq, Lq, Lk)}"
+        if torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk)) != (B, Hq, Lq, Lk):
+            return f"mask shape {tuple(attn_mask.shape)} not broadcastable to {(B, Hq, Lq, Lk)}"
+    return None
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _prep_mask(attn_mask, shape, device):
+    """-> (tensor, strides (b, h, m, n), has_mask, is_bool, row_bcast, col_bcast)."""
+    if attn_mask is None:
+        dummy = torch.empty(1, device=device, dtype=torch.float32)
+        return dummy, (0, 0, 0, 0), False, False, False, False
+    m = attn_mask
+    is_bool = m.dtype == torch.bool
+    if is_bool:
+        m = m.view(torch.uint8)
+    m = m.expand(shape)  # a view: broadcast dims get stride 0
+    st = list(m.stride())
+    for i in range(4):
+        if shape[i] == 1:
+            st[i] = 0
+    return m, tuple(st), True, is_bool, st[2] == 0, st[3] == 0
+
+
+def _check_lengths(Lq, Lk):
+    # in-kernel row offsets are int32 (per (batch, head) base is int64)
+    if max(Lq, Lk) >= 2**31 // _MAX_HEAD_DIM:
+        raise ValueError("sequence too long for the flash kernel")
+
+
+def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """Flash attention forward.
+
+    q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), ``Hq % Hkv == 0`` (GQA/MQA: query
+    head h uses kv head ``h // (Hq // Hkv)``). attn_mask: None, bool (True = attend) or float
+    (added to the scaled scores), broadcastable to (B, Hq, Lq, Lk). is_causal: top-left aligned
+    (query i attends keys j <= i). scale: None -> 1/sqrt(D).
+
+    Returns ``(out, lse)``: out (B, Hq, Lq, Dv) contiguous in q.dtype; lse (B, Hq, Lq) float32,
+    the natural-log log-sum-exp of the scaled + masked scores of each row. Fully masked rows
+    (every key masked) give out = 0 and lse = -inf, like the math path of
+    ``F.scaled_dot_product_attention`` in torch >= 2.5.
+    """
+    reason = supports(q, k, v, attn_mask, 0.0)
+    if reason is not None:
+        raise ValueError(f"flash_forward: {reason}")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_lengths(Lq, Lk)
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+    mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), q.device)
+    BD = max(16, triton.next_power_of_2(D))
+    BDV = max(16, triton.next_power_of_2(Dv))
+    fn = _tuned("fwd", max(BD, BDV), q.device)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+        fn[grid](q, k, v, mask, out, lse,
+                 *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), *lse.stride(),
+                 Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E,
+                 BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                 MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=_precision(q.dtype))
+    return out, lse
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _reduce_to_shape(full, shape):
+    """Sum a (B, H, Lq, Lk) tensor over the dims that ``shape`` broadcasts."""
+    nd = len(shape)
+    shape4 = (1,) * (4 - nd) + tuple(shape)
+    dims = [i for i in range(4) if shape4[i] == 1 and full.shape[i] != 1]
+    if dims:
+        full = full.sum(dim=dims, keepdim=True)
+    return full.reshape(shape)
+
+
+def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False, scale=None,
+                   mask_needs_grad=False):
+    """Flash attention backward (FlashAttention-2: preprocess delta = rowsum(dO * O), one kernel
+    over KV blocks for dK/dV looping over the query heads of each kv head, one kernel over query
+    blocks for dQ; no atomics).
+
+    Returns ``(dq, dk, dv, d_mask)``: dq/dk/dv with the shapes and dtypes of q/k/v (dk/dv summed
+    over the query heads sharing a kv head). d_mask is the gradient w.r.t. a float additive mask,
+    reduced to the mask's own shape (computed only when ``mask_needs_grad``; it materialises a
+    (B, Hq, Lq, Lk) float32 buffer), else None.
+    """
+    reason = supports(q, k, v, attn_mask, 0.0)
+    if reason is not None:
+        raise ValueError(f"flash_backward: {reason}")
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    grad_out, out = _unit_last(grad_out), _unit_last(out)
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_lengths(Lq, Lk)
+    group = Hq // Hkv
+    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dev = q.device
+    lse = lse.float() if lse.dtype != torch.float32 else lse
+
+    mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), dev)
+    store_ds = bool(mask_needs_grad and has_mask and not is_bool)
+    BD = max(16, triton.next_power_of_2(D))
+    BDV = max(16, triton.next_power_of_2(Dv))
+    prec = _precision(q.dtype)
+
+    dq = torch.empty((B, Hq, Lq, D), device=dev, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, Lk, D), device=dev, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, Lk, Dv), device=dev, dtype=v.dtype)
+    delta = torch.empty((B, Hq, Lq), device=dev, dtype=torch.float32)
+    lse2 = torch.empty((B, Hq, Lq), device=dev, dtype=torch.float32)
+    if store_ds:
+        ds = torch.zeros((B, Hq, Lq, Lk), device=dev, dtype=torch.float32)
+    else:
+        ds = torch.empty(1, device=dev, dtype=torch.float32)
+
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        PRE_M = 16 if _INTERPRET else 64
+        _bwd_preprocess[(triton.cdiv(Lq, PRE_M), B * Hq)](
+            out, grad_out, lse, delta, lse2,
+            *out.stride(), *grad_out.stride(), *lse.stride(),
+            Hq, Lq, Dv, BLOCK_DV=BDV, BLOCK_M=PRE_M)
+        consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                      MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec)
+        fn = _tuned("dkdv", max(BD, BDV), dev)
+        fn[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
+            *dk.stride(), *dv.stride(),
+            Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale,
+            STORE_DS=store_ds, **consts)
+        fn = _tuned("dq", max(BD, BDV), dev)
+        fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, mask, grad_out, lse2, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(), *dq.stride(),
+            Hq, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale, **consts)
+
+    d_mask = None
+    if store_ds:
+        d_mask = _reduce_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
+    return dq, dk, dv, d_mask

@@ -1,0 +1,146 @@
+"""The torch reference path of ``adaattn::attention``.
+
+It runs on every device and dtype and is the fallback whenever a faster kernel can't be used.
+It computes in float32 (float64 stays float64) in query chunks, so its memory is bounded by
+``_CHUNK_BYTES`` rather than growing as B·H·Lq·Lk, and it returns the row log-sum-exp that the
+flash backward needs. Semantics follow ``F.scaled_dot_product_attention``:
+
+- ``is_causal`` is top-left aligned (query i sees keys j <= i);
+- a bool mask marks the keys to *keep*; a float mask is added to the scaled scores;
+- a fully masked row gives output 0 and lse -inf (the math backend's ``_safe_softmax``);
+- dropout draws its keep-mask from a generator seeded by ``seed``, so the backward, which
+  recomputes the forward, reproduces the very same mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_CHUNK_BYTES = 256 * 2**20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _expand_kv(q, k, v, enable_gqa: bool):
+    """Repeat K/V heads for GQA (dim -3) and broadcast leading dims to q's."""
+    if enable_gqa and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        groups = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q = q.expand(*batch, *q.shape[-2:])
+    k = k.expand(*batch, *k.shape[-2:])
+    v = v.expand(*batch, *v.shape[-2:])
+    return q, k, v
+
+
+def _dropout_keep(shape, dropout_p: float, seed: int, device, row_start: int) -> torch.Tensor:
+    # One generator per call, seeded per chunk, so forward and backward draw the same mask
+    # whatever the chunking (the chunk's first row is folded into the seed).
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed + 1_000_003 * row_start) % (2**63 - 1))
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _prepare(q, k, v, attn_mask, scale, enable_gqa):
+    ctype = compute_dtype(q.dtype)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    q, k, v = _expand_kv(q.to(ctype), k.to(ctype), v.to(ctype), enable_gqa)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(ctype)
+    batch_numel = max(1, math.prod(q.shape[:-2]))
+    rows = max(1, _CHUNK_BYTES // max(1, batch_numel * k.shape[-2] * 4))
+    return q, k, v, attn_mask, scale, rows
+
+
+def _chunk_probs(q, kt, attn_mask, is_causal, scale, start, stop):
+    """Softmax probabilities and lse of query rows [start, stop)."""
+    scores = torch.matmul(q[..., start:stop, :], kt) * scale
+    if attn_mask is not None:
+        mask = attn_mask
+        if mask.dim() >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., start:stop, :]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    if is_causal:
+        keep = torch.ones(stop - start, kt.shape[-1], dtype=torch.bool, device=q.device).tril(start)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    # Fully masked rows have lse = -inf: exp(-inf - -inf) would be NaN, SDPA returns 0.
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse) & (lse < 0), 0.0))
+    return probs, lse.squeeze(-1)
+
+
+def reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gqa, seed):
+    """Returns (out in q.dtype, lse in float32)."""
+    out_dtype = q.dtype
+    q, k, v, attn_mask, scale, rows = _prepare(q, k, v, attn_mask, scale, enable_gqa)
+    kt = k.transpose(-1, -2)
+    outs, lses = [], []
+    for start in range(0, q.shape[-2], rows):
+        stop = min(q.shape[-2], start + rows)
+        probs, lse = _chunk_probs(q, kt, attn_mask, is_causal, scale, start, stop)
+        if dropout_p > 0.0:
+            probs = probs * _dropout_keep(probs.shape, dropout_p, seed, q.device, start) / (1.0 - dropout_p)
+        outs.append(torch.matmul(probs, v))
+        lses.append(lse)
+    if not outs:  # zero query rows
+        return q.new_empty((*q.shape[:-1], v.shape[-1])).to(out_dtype), q.new_empty(q.shape[:-1]).float()
+    return torch.cat(outs, dim=-2).to(out_dtype), torch.cat(lses, dim=-1).to(torch.float32)
+
+
+def reference_backward(grad_out, q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gqa,
+                       seed, mask_needs_grad):
+    """Analytic gradients (the op runs below autograd, so no autograd here), chunked over
+    query rows like the forward, redrawing the forward's dropout mask from ``seed``."""
+    q_in, k_in, v_in, mask_in = q, k, v, attn_mask
+    q, k, v, attn_mask, scale, rows = _prepare(q, k, v, attn_mask, scale, enable_gqa)
+    grad_out = grad_out.to(q.dtype).expand(*q.shape[:-1], v.shape[-1])
+    kt = k.transpose(-1, -2)
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    dmask_rows = []
+    for start in range(0, q.shape[-2], rows):
+        stop = min(q.shape[-2], start + rows)
+        probs, _ = _chunk_probs(q, kt, attn_mask, is_causal, scale, start, stop)
+        d_out = grad_out[..., start:stop, :]
+        d_probs = torch.matmul(d_out, v.transpose(-1, -2))
+        dropped = probs
+        if dropout_p > 0.0:
+            keep = _dropout_keep(probs.shape, dropout_p, seed, q.device, start) / (1.0 - dropout_p)
+            dropped = probs * keep
+            d_probs = d_probs * keep
+        dv += torch.matmul(dropped.transpose(-1, -2), d_out)
+        d_scores = probs * (d_probs - (probs * d_probs).sum(dim=-1, keepdim=True))
+        dq[..., start:stop, :] = torch.matmul(d_scores, k) * scale
+        dk += torch.matmul(d_scores.transpose(-1, -2), q[..., start:stop, :]) * scale
+        if mask_needs_grad:
+            dmask_rows.append(d_scores)
+    if enable_gqa and k_in.dim() >= 3 and k_in.shape[-3] != q_in.shape[-3]:
+        groups = q_in.shape[-3] // k_in.shape[-3]
+        dk = dk.unflatten(-3, (-1, groups)).sum(-3)
+        dv = dv.unflatten(-3, (-1, groups)).sum(-3)
+    dmask = None
+    if mask_needs_grad:
+        full = torch.cat(dmask_rows, dim=-2)
+        dmask = _reduce_to(full, mask_in)
+    return _reduce_to(dq, q_in), _reduce_to(dk, k_in), _reduce_to(dv, v_in), dmask
+
+
+def _reduce_to(grad, like):
+    """Sum a gradient over the dims ``like`` was broadcast along, and cast to its dtype."""
+    while grad.dim() > like.dim():
+        grad = grad.sum(0)
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad.to(like.dtype)

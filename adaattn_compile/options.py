@@ -1,0 +1,82 @@
+"""Backend options: parsed and validated once, so that a typo fails loudly and names itself."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+POLICIES = ("exact", "balanced", "fast")
+POLICY_ALIASES = {"quality": "exact", "speed": "fast"}
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+PRECISIONS = ("auto", "input", "fp32", "tf32", "bf16", "fp16", "fp8")
+KERNELS = ("auto", "triton", "reference")
+
+# Per-site relative L2 error budget each policy allows its approximations.
+DEFAULT_TOLERANCE = {"exact": 0.0, "balanced": 1e-2, "fast": 3e-2}
+# Below this many keys every site takes the exact path (issue 5 sets it from the measured
+# low-rank crossover; until then it only guards future approximate paths).
+DEFAULT_MIN_SEQ_LEN = 1024
+
+
+class OptionError(ValueError):
+    """A bad option passed to the adaattn backend or API."""
+
+
+def canonical_policy(policy: Any, name: str = "policy") -> str:
+    if isinstance(policy, str):
+        policy = POLICY_ALIASES.get(policy, policy)
+        if policy in POLICIES:
+            return policy
+    allowed = ", ".join(POLICIES + tuple(POLICY_ALIASES))
+    raise OptionError(f"adaattn: bad value {policy!r} for option '{name}'; allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    policy: str = "balanced"
+    tolerance: float = DEFAULT_TOLERANCE["balanced"]
+    min_seq_len: int = DEFAULT_MIN_SEQ_LEN
+    inner: str = "inductor"
+    precision: str = "auto"
+    rank: Any = "auto"  # "auto", "dense", or a positive int to force a rank
+    kernel: str = "auto"
+
+    @staticmethod
+    def parse(options: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
+        raw = dict(options or {})
+        raw.update(overrides)
+        known = {f.name for f in dataclasses.fields(Options)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise OptionError(
+                f"adaattn: unknown option(s) {', '.join(repr(k) for k in unknown)}; "
+                f"allowed: {', '.join(sorted(known))}")
+        policy = canonical_policy(raw.get("policy", "balanced"))
+        tolerance = raw.get("tolerance", DEFAULT_TOLERANCE[policy])
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise OptionError(f"adaattn: bad value {tolerance!r} for option 'tolerance'; "
+                              "allowed: a number in [0, 1) (relative L2 error)")
+        min_seq_len = raw.get("min_seq_len", DEFAULT_MIN_SEQ_LEN)
+        if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0:
+            raise OptionError(f"adaattn: bad value {min_seq_len!r} for option 'min_seq_len'; "
+                              "allowed: an int >= 0")
+        inner = raw.get("inner", "inductor")
+        if inner not in INNER_COMPILERS:
+            raise OptionError(f"adaattn: bad value {inner!r} for option 'inner'; "
+                              f"allowed: {', '.join(INNER_COMPILERS)}")
+        precision = raw.get("precision", "auto") or "auto"
+        if precision not in PRECISIONS:
+            raise OptionError(f"adaattn: bad value {precision!r} for option 'precision'; "
+                              f"allowed: {', '.join(PRECISIONS)}")
+        rank = raw.get("rank", "auto") or "auto"
+        if not (rank in ("auto", "dense") or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0)):
+            raise OptionError(f"adaattn: bad value {rank!r} for option 'rank'; "
+                              "allowed: 'auto', 'dense' or a positive int")
+        kernel = raw.get("kernel", "auto") or "auto"
+        if kernel not in KERNELS:
+            raise OptionError(f"adaattn: bad value {kernel!r} for option 'kernel'; "
+                              f"allowed: {', '.join(KERNELS)}")
+        return Options(policy, float(tolerance), min_seq_len, inner, precision, rank, kernel)
+
+    def describe(self) -> str:
+        return (f"policy={self.policy} tolerance={self.tolerance:g} min_seq_len={self.min_seq_len} "
+                f"inner={self.inner} precision={self.precision} rank={self.rank} kernel={self.kernel}")

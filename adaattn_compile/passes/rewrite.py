@@ -1,0 +1,134 @@
+"""Rewrite each matched attention site into one ``torch.ops.adaattn.attention`` call.
+
+The new nodes are inserted just before the P·V product (every input of the site is defined by
+then), the product's users are pointed at the op's output, and the matched chain, now dead, is
+erased. Fake-tensor metadata is computed for each new node so later passes see a complete graph.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any, List, Optional
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import meta
+from .match import AttentionMatch
+
+_site_ids = itertools.count()
+
+
+def new_site_id() -> str:
+    return f"s{next(_site_ids)}"
+
+
+def _fake_mode(values):
+    try:
+        from torch._guards import detect_fake_mode
+        return detect_fake_mode(values)
+    except Exception:
+        return None
+
+
+def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=None) -> fx.Node:
+    node = graph.create_node(kind, target, tuple(args), kwargs or {})
+    if stack_trace:
+        node.meta["stack_trace"] = stack_trace
+    # Fake-run the new node so it carries example_value like Dynamo's own nodes.
+    fake_args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
+    fake_kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
+    flat = [a for a in fx.node.map_aggregate(list(fake_args), lambda x: x)
+            if isinstance(a, torch.Tensor)]
+    mode = _fake_mode(flat)
+    try:
+        if mode is not None:
+            with mode:
+                value = (target(*fake_args, **fake_kwargs) if kind == "call_function"
+                         else getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs))
+            node.meta["example_value"] = value
+    except Exception:
+        pass
+    return node
+
+
+def _apply_factor(graph, node, factor, trace):
+    target = operator.mul if factor.op == "mul" else operator.truediv
+    return _insert(graph, "call_function", target, (node, factor.value), stack_trace=trace)
+
+
+def _cast(graph, node, dtype, trace):
+    t = meta(node)
+    if t is None or t.dtype == dtype:
+        return node
+    return _insert(graph, "call_method", "to", (node, dtype), stack_trace=trace)
+
+
+def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: str,
+                 kernel: str) -> fx.Node:
+    graph = gm.graph
+    trace = m.anchor.meta.get("stack_trace")
+    with graph.inserting_before(m.out_node):
+        q, k, v = m.q, m.k, m.v
+        if m.q_perm:
+            q = _insert(graph, "call_method", "permute", (q, *m.q_perm), stack_trace=trace)
+        for factor in m.factors:
+            if isinstance(factor.value, fx.Node):   # tensor/symbolic scales: fold into q
+                q = _apply_factor(graph, q, factor, trace)
+        if m.k_is_transposed:
+            k = _insert(graph, "call_method", "transpose", (k, -2, -1), stack_trace=trace)
+        if m.k_perm:
+            k = _insert(graph, "call_method", "permute", (k, *m.k_perm), stack_trace=trace)
+        if m.v_perm:
+            v = _insert(graph, "call_method", "permute", (v, *m.v_perm), stack_trace=trace)
+        q, k, v = (_cast(graph, t, m.compute_dtype, trace) for t in (q, k, v))
+        mask = _build_mask(graph, m, trace)
+        call = _insert(graph, "call_function", torch.ops.adaattn.attention.default,
+                       (q, k, v, mask, float(m.dropout_p), bool(m.causal), m.scale,
+                        bool(m.enable_gqa), site_id, policy, kernel), stack_trace=trace)
+        out = _insert(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
+        if m.out_perm:
+            out = _insert(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
+    m.out_node.replace_all_uses_with(out)
+    return call
+
+
+def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
+    if m.kind == "sdpa":
+        return m.sdpa_mask
+    keep = None
+    for item in m.keeps:
+        node = item.node
+        t = meta(node)
+        if t is not None and t.dtype != torch.bool:
+            node = _insert(graph, "call_method", "bool", (node,), stack_trace=trace)
+        if item.invert:
+            node = _insert(graph, "call_function", torch.logical_not, (node,), stack_trace=trace)
+        keep = node if keep is None else _insert(graph, "call_function", torch.logical_and,
+                                                 (keep, node), stack_trace=trace)
+    bias = None
+    for item in m.biases:
+        node = item.node
+        for factor in item.factors:
+            node = _apply_factor(graph, node, factor, trace)
+        bias = node if bias is None else _insert(graph, "call_function", operator.add,
+                                                 (bias, node), stack_trace=trace)
+    if keep is not None and bias is not None:
+        return _insert(graph, "call_function", torch.where, (keep, bias, float("-inf")),
+                       stack_trace=trace)
+    return keep if keep is not None else bias
+
+
+def erase_dead(gm: fx.GraphModule, candidates: List[fx.Node]) -> None:
+    """Erase nodes of the replaced chains (and their now-unused producers) that nothing uses.
+    Only pure calls go: in-place methods and side-effecting calls stay."""
+    pending = set(candidates)
+    for node in reversed(list(gm.graph.nodes)):
+        if node not in pending:
+            continue
+        if node.users or node.op not in ("call_function", "call_method") or node.is_impure():
+            continue
+        if node.op == "call_method" and node.target.endswith("_"):
+            continue
+        pending.update(n for n in node.all_input_nodes)
+        gm.graph.erase_node(node)

@@ -1,0 +1,96 @@
+"""The planner: (device, dtype, shapes, policy, options) -> Plan.
+
+Pure: it takes plain values and returns a frozen Plan, so that the same function decides at
+compile time (for ``explain``, from fake tensors) and at run time (from real tensors), and
+can be tested under any mocked device capability. It never touches torch state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from .options import Options
+
+# Dtype names the planner understands (strings keep it free of torch).
+_PRECISION_OF_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    type: str                                  # "cpu", "cuda", ...
+    capability: Optional[Tuple[int, int]] = None  # CUDA compute capability, None elsewhere
+    allow_tf32: bool = False                   # torch's float32 matmul precision allows tf32
+
+    def describe(self) -> str:
+        if self.capability is None:
+            return self.type
+        return f"{self.type} sm{self.capability[0]}{self.capability[1]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What the planner needs to know about one call of one site."""
+    dtype: str            # torch dtype name without "torch.", e.g. "float16"
+    q_len: int
+    k_len: int
+    head_dim: int
+    v_head_dim: int
+    mask: Optional[str]   # None | "bool" | "additive"
+    causal: bool
+    dropout_p: float
+    gqa_groups: int = 1
+    kernel_unsupported: Optional[str] = None  # why the Triton kernel can't take it, if it can't
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kernel: str                 # "triton" | "reference"
+    precision: str              # "fp32" | "tf32" | "bf16" | "fp16" | "fp64"
+    rank: str                   # "dense" (low-rank: issue 5)
+    seq_bucket: int
+    guards: Tuple[str, ...]
+    reason: str                 # why this kernel
+
+    def describe(self) -> str:
+        return f"kernel={self.kernel} precision={self.precision} rank={self.rank} ({self.reason})"
+
+
+def seq_bucket(length: int) -> int:
+    """Power-of-two bucket of a sequence length: plans are cached and guarded per bucket."""
+    bucket = 1
+    while bucket < length:
+        bucket *= 2
+    return bucket
+
+
+def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
+    bucket = seq_bucket(max(problem.q_len, problem.k_len))
+    guards = [f"device={device.describe()}", f"dtype={problem.dtype}",
+              f"seq_bucket={bucket}", f"policy={options.policy}"]
+    precision = _PRECISION_OF_DTYPE.get(problem.dtype, problem.dtype)
+    if precision == "fp32" and device.type == "cuda" and device.allow_tf32:
+        precision = "tf32"
+
+    kernel, reason = _choose_kernel(device, problem, options)
+    if kernel == "triton" and device.capability is not None:
+        guards.append(f"capability>=sm80")
+    if problem.k_len < options.min_seq_len:
+        guards.append(f"k_len<{options.min_seq_len}: exact")
+    return Plan(kernel=kernel, precision=precision, rank="dense", seq_bucket=bucket,
+                guards=tuple(guards), reason=reason)
+
+
+def _choose_kernel(device: DeviceInfo, problem: Problem, options: Options):
+    if options.kernel == "reference":
+        return "reference", "forced by kernel='reference'"
+    if problem.kernel_unsupported is not None:
+        return "reference", problem.kernel_unsupported
+    if options.kernel == "triton":
+        return "triton", "forced by kernel='triton'"
+    if device.type != "cuda":
+        return "reference", f"no Triton kernel on {device.type}"
+    if device.capability is None or device.capability < (8, 0):
+        return "reference", f"{device.describe()} < sm80"
+    if problem.dtype not in ("float16", "bfloat16", "float32"):
+        return "reference", f"dtype {problem.dtype}"
+    return "triton", "dense flash kernel"

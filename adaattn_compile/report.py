@@ -1,0 +1,166 @@
+"""What was rewritten and why: the objects ``explain`` returns and their printed form."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+from . import stats as _stats
+from .options import Options
+
+
+@dataclasses.dataclass
+class Decision:
+    kernel: str
+    precision: str
+    rank: str
+    guards: Tuple[str, ...]
+    reason: str
+    site_id: str = ""
+
+    @property
+    def measured_error(self) -> Optional[float]:
+        """Relative L2 error measured on sampled rows (None: exact path, nothing to measure)."""
+        return _stats.stats().get(self.site_id, {}).get("measured_error")
+
+    def __str__(self) -> str:
+        return f"kernel={self.kernel} precision={self.precision} rank={self.rank} ({self.reason})"
+
+
+@dataclasses.dataclass
+class Site:
+    id: str
+    graph: str
+    pattern: str
+    location: str
+    q_shape: Tuple[int, ...]
+    k_shape: Tuple[int, ...]
+    v_shape: Tuple[int, ...]
+    dtype: str
+    causal: bool
+    mask: Optional[str]
+    scale: Optional[float]
+    dropout_p: float
+    gqa_groups: int
+    decision: Decision
+    notes: Tuple[str, ...] = ()
+    dynamic: bool = False
+
+    def runtime(self) -> dict:
+        return _stats.stats().get(self.id, {})
+
+
+@dataclasses.dataclass
+class SkippedSite:
+    graph: str
+    location: str
+    what: str
+    reason: str
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    name: str
+    code_before: str
+    code_after: str = ""
+    sites: List[Site] = dataclasses.field(default_factory=list)
+    skipped: List[SkippedSite] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None
+    pass_seconds: float = 0.0
+    inner_seconds: float = 0.0
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _fmt_scale(scale) -> str:
+    return "1/sqrt(D)" if scale is None else f"{scale:.6g}"
+
+
+class Report:
+    def __init__(self, graphs: List[GraphRecord], options: Options):
+        self.graphs = graphs
+        self.options = options
+
+    @property
+    def sites(self) -> List[Site]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def skipped(self) -> List[SkippedSite]:
+        return [s for g in self.graphs for s in g.skipped]
+
+    @property
+    def failures(self) -> List[Tuple[str, str]]:
+        return [(g.name, g.error) for g in self.graphs if g.error]
+
+    @property
+    def pass_seconds(self) -> float:
+        return sum(g.pass_seconds for g in self.graphs)
+
+    @property
+    def inner_seconds(self) -> float:
+        return sum(g.inner_seconds for g in self.graphs)
+
+    def summary(self) -> str:
+        return (f"adaattn: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s) "
+                f"rewritten, {len(self.skipped)} look-alike(s) skipped, "
+                f"{len(self.failures)} graph(s) failed and left unchanged")
+
+    def format_sites(self, runtime: bool = True) -> str:
+        lines = []
+        for site in self.sites:
+            d = site.decision
+            lines.append(f"[{site.id}] {site.graph}  {site.location}")
+            lines.append(f"  pattern   {site.pattern}")
+            lines.append(f"  shapes    q {_fmt_shape(site.q_shape)}  k {_fmt_shape(site.k_shape)}  "
+                         f"v {_fmt_shape(site.v_shape)}  {site.dtype}"
+                         + ("  (dynamic)" if site.dynamic else ""))
+            lines.append(f"  attention causal={site.causal} mask={site.mask} "
+                         f"scale={_fmt_scale(site.scale)} dropout_p={site.dropout_p:g} "
+                         f"gqa_groups={site.gqa_groups}")
+            if site.notes:
+                lines.append(f"  notes     {'; '.join(site.notes)}")
+            lines.append(f"  decision  {d}")
+            lines.append(f"  guards    {' '.join(d.guards)}")
+            if runtime:
+                rt = site.runtime()
+                if rt:
+                    err = rt.get("measured_error")
+                    lines.append(
+                        f"  runtime   calls={rt['calls']} backward={rt['backward_calls']} "
+                        f"kernel={_counts(rt['kernel'])} precision={_counts(rt['precision'])} "
+                        f"rank={_counts(rt['rank'])} demotions={rt['demotions']} "
+                        f"error={'exact' if err is None else f'{err:.2e}'}")
+                    for reason in rt["fallbacks"]:
+                        lines.append(f"  fallback  {reason}")
+        return "\n".join(lines)
+
+    def format_skipped(self) -> str:
+        lines = [f"{s.graph}  {s.location}  {s.what}: {s.reason}" for s in self.skipped]
+        lines += [f"{name}  rewrite failed, compiled unchanged: {err}" for name, err in self.failures]
+        return "\n".join(lines)
+
+    def format_graphs(self) -> str:
+        parts = []
+        for g in self.graphs:
+            parts.append(f"--- {g.name} before ---\n{g.code_before.strip()}")
+            parts.append(f"--- {g.name} after ---\n{g.code_after.strip()}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        out = [self.summary(), f"options: {self.options.describe()}"]
+        out.append(f"pass time {self.pass_seconds * 1e3:.1f} ms, inner compile "
+                   f"{self.inner_seconds * 1e3:.1f} ms")
+        if self.sites:
+            out += ["", "Sites", self.format_sites()]
+        if self.skipped or self.failures:
+            out += ["", "Skipped", self.format_skipped()]
+        out += ["", "Graphs", self.format_graphs()]
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+def _counts(counter: dict) -> str:
+    return ",".join(f"{k}:{v}" for k, v in sorted(counter.items())) or "-"
