@@ -78,7 +78,8 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
                    options: Options) -> Site:
     q, k, v, mask = (meta(a) for a in call.args[:4])
     if any(t is None for t in (q, k, v)):
-        raise RuntimeError("lost shape metadata while rewriting")
+        errors = [a.meta.get("adaattn_fake_error") for a in call.args[:3] if isinstance(a, fx.Node)]
+        raise RuntimeError(f"lost shape metadata while rewriting ({errors})")
     mask_kind = None if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
     dynamic = not all(isinstance(s, int) for s in (*q.shape, *k.shape))
     unsupported = None

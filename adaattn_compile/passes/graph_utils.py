@@ -165,6 +165,8 @@ def constant_value(node: Any, gm: fx.GraphModule, max_nodes: int = 64):
             return False
         if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return False
+        if any(_mutates(user, n) for user in n.users):
+            return False   # an in-place write (mask[...] = x) would not be seen by evaluation
         if n.op == "placeholder":
             if not _is_module_state(n) or _example(n) is None:
                 return False
@@ -209,6 +211,26 @@ def constant_value(node: Any, gm: fx.GraphModule, max_nodes: int = 64):
         if value.device.type == "meta" or "Fake" in type(value).__name__:
             return None
     return value
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul}
+
+
+def _mutates(user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` may write into ``value`` in place."""
+    if user.op == "call_function":
+        if user.target in (operator.setitem,) or "out" in user.kwargs:
+            return True
+        if user.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(user.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    if user.op == "call_method":
+        return user.target.endswith("_") and user.args and user.args[0] is value
+    return False
 
 
 BINARY = {

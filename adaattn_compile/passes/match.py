@@ -312,8 +312,8 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
                 raise NoMatch("a bias broadcasts the scores to a larger shape")
             m.factors.extend(m._scale_after)
             return
-        if len(x.users) != 1 and x is not node:
-            raise NoMatch(f"intermediate scores ({describe(x)}) are used elsewhere")
+        # Scores used elsewhere too (e.g. as type_as's dtype) stay computed for those users;
+        # the rewrite is still exact.
         m.chain.append(x)
         if _is_cast(x):
             x = x.args[0]

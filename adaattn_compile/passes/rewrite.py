@@ -24,11 +24,13 @@ def new_site_id() -> str:
 
 
 def _fake_mode(values):
-    try:
-        from torch._guards import detect_fake_mode
-        return detect_fake_mode(values)
-    except Exception:
-        return None
+    # The mode the inputs' fake tensors belong to (an enclosing tracing context may hold
+    # another one, and modes must not be mixed).
+    for value in values:
+        mode = getattr(value, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
 
 
 def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=None) -> fx.Node:
@@ -47,8 +49,8 @@ def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=N
                 value = (target(*fake_args, **fake_kwargs) if kind == "call_function"
                          else getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs))
             node.meta["example_value"] = value
-    except Exception:
-        pass
+    except Exception as exc:
+        node.meta["adaattn_fake_error"] = repr(exc)
     return node
 
 

@@ -1,0 +1,43 @@
+"""Shared test helpers: compile with adaattn and collect what it rewrote."""
+from __future__ import annotations
+
+import torch
+
+import adaattn_compile
+from adaattn_compile.compiler import record_graphs
+
+
+def compile_and_run(fn, *args, options=None, dynamic=None, fullgraph=False, **kwargs):
+    """Returns (output, sites, skipped, graph records)."""
+    options = {"policy": "exact", "inner": "eager", **(options or {})}
+    compiled = torch.compile(fn, backend=adaattn_compile.backend(**options), dynamic=dynamic,
+                             fullgraph=fullgraph)
+    with record_graphs() as records:
+        out = compiled(*args, **kwargs)
+    sites = [s for r in records for s in r.sites]
+    skipped = [s for r in records for s in r.skipped]
+    for r in records:
+        assert r.error is None, r.error
+    return out, sites, skipped, records
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def reference_attention(q, k, v, mask=None, causal=False, scale=None, gqa=False):
+    """float64 reference (SDPA's math, with SDPA's fully-masked-row convention)."""
+    q, k, v = q.double(), k.double(), v.double()
+    if gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
