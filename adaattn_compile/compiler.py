@@ -74,32 +74,41 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return backup
 
 
+def _static_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A fake tensor like ``t`` with its sizes replaced by their hints, so that planning for the
+    report reads shapes without installing guards on dynamic dims."""
+    if t is None:
+        return None
+    mode = getattr(t, "fake_mode", None)
+    shape = tuple(hint(s) for s in t.shape)
+    if mode is None:
+        return torch.empty(shape, dtype=t.dtype, device="meta")
+    with mode:
+        return torch.empty(shape, dtype=t.dtype, device=t.device)
+
+
 def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
                    options: Options) -> Site:
-    q, k, v, mask = (meta(a) for a in call.args[:4])
-    if any(t is None for t in (q, k, v)):
+    fakes = [meta(a) for a in call.args[:4]]
+    if any(t is None for t in fakes[:3]):
         errors = [a.meta.get("adaattn_fake_error") for a in call.args[:3] if isinstance(a, fx.Node)]
         raise RuntimeError(f"lost shape metadata while rewriting ({errors})")
-    mask_kind = None if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
-    dynamic = not all(isinstance(s, int) for s in (*q.shape, *k.shape))
+    dynamic = not all(isinstance(s, int) for t in fakes[:3] for s in t.shape)
+    q, k, v, mask = (_static_like(t) for t in fakes)
     unsupported = None
     if options.kernel != "reference":
         try:
-            unsupported = op._flash_unsupported(q, k, v, mask, m.dropout_p)
+            unsupported = op._flash_unsupported(q, k, v, mask, m.dropout_p, m.enable_gqa)
         except Exception as exc:
             unsupported = f"kernel check failed: {exc}"
     problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported)
-    problem = type(problem)(**{**problem.__dict__, "q_len": hint(q.shape[-2]),
-                               "k_len": hint(k.shape[-2])})
-    device = q.device
-    info = op.device_info(device) if device.type != "meta" else op.planner.DeviceInfo("meta")
+    info = op.device_info(q.device) if q.device.type != "meta" else op.planner.DeviceInfo("meta")
     chosen = op.planner.plan(info, problem, options)
     return Site(
         id=site_id, graph=graph, pattern=m.pattern, location=m.location,
-        q_shape=tuple(hint(s) for s in q.shape), k_shape=tuple(hint(s) for s in k.shape),
-        v_shape=tuple(hint(s) for s in v.shape), dtype=str(q.dtype).replace("torch.", ""),
-        causal=m.causal, mask=mask_kind, scale=m.scale, dropout_p=m.dropout_p,
-        gqa_groups=m.gqa_groups,
+        q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
+        dtype=str(q.dtype).replace("torch.", ""), causal=m.causal, mask=op.mask_kind(mask),
+        scale=m.scale, dropout_p=m.dropout_p, gqa_groups=m.gqa_groups,
         decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
                           chosen.reason, site_id),
         notes=tuple(m.notes), dynamic=dynamic)

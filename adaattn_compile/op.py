@@ -70,14 +70,21 @@ def mask_kind(attn_mask: Optional[Tensor]) -> Optional[str]:
     return "bool" if attn_mask.dtype == torch.bool else "additive"
 
 
-def _flash_unsupported(q, k, v, attn_mask, dropout_p) -> Optional[str]:
+def _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
+    """Why the flash kernels can't run this call (None if they can)."""
     try:
         from .kernels import flash
     except Exception as exc:  # triton missing or broken: the reference path still works
         return f"Triton kernel unavailable ({type(exc).__name__}: {exc})"
-    if q.dim() not in (3, 4):
-        return f"{q.dim()}-D inputs"
-    return flash.supports(q, k, v, attn_mask, dropout_p)
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"{q.dim()}-D inputs (the kernel takes (B, H, L, D) or (N, L, D))"
+    if attn_mask is not None and attn_mask.dim() > 4:
+        return f"{attn_mask.dim()}-D mask"
+    try:
+        qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
+    except RuntimeError as exc:
+        return f"batch dims don't broadcast ({exc})"
+    return flash.supports(_to4d(qb), _to4d(kb), _to4d(vb), _mask4d(attn_mask), dropout_p)
 
 
 def problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, unsupported=None) -> planner.Problem:
@@ -99,7 +106,7 @@ def plan_call(site, opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) 
         return cached
     unsupported = None
     if opts.kernel != "reference":
-        unsupported = _flash_unsupported(q, k, v, attn_mask, dropout_p)
+        unsupported = _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa)
     result = planner.plan(dev, problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
                                           unsupported), opts)
     with _cache_lock:

@@ -4,6 +4,7 @@ On CPU-only machines the kernels run under TRITON_INTERPRET=1 (set by conftest.p
 tiny; bf16 and large shapes are GPU-only (the interpreter computes bf16 wrongly).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 if DEV == "cuda":
     TOL[torch.float32] = 2e-3  # TF32 may be enabled by the user; 'highest' is checked separately
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_autotune():
+    """Use the default config: these tests compile many shape variants, and autotuning each one
+    would take minutes on a GPU (the interpreter uses one config anyway)."""
+    old = os.environ.get("ADAATTN_FLASH_AUTOTUNE")
+    os.environ["ADAATTN_FLASH_AUTOTUNE"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("ADAATTN_FLASH_AUTOTUNE", None)
+    else:
+        os.environ["ADAATTN_FLASH_AUTOTUNE"] = old
 
 
 def _rel(a, b):
@@ -342,3 +356,15 @@ def test_gpu_vs_sdpa_bf16():
     out, _ = flash.flash_forward(q, k, v, is_causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_path():
+    """The autotuned entry points (as used in production / the benchmark)."""
+    os.environ["ADAATTN_FLASH_AUTOTUNE"] = "1"
+    try:
+        _check(2, 8, 2, 1024, 1024, 128, 128, torch.bfloat16, causal=True)
+        _check(2, 8, 8, 777, 1024, 64, 64, torch.float16, mask_kind="float", mshape=(2, 1, 1, 1024),
+               mask_grad=True)
+    finally:
+        os.environ["ADAATTN_FLASH_AUTOTUNE"] = "0"

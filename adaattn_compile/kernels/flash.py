@@ -515,45 +515,44 @@ def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-def _bucket(bd):
-    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+def _bucket(bd, dtype):
+    b = 64 if bd <= 64 else (128 if bd <= 128 else 256)
+    return b * 2 if dtype == torch.float32 else b  # fp32 tiles take twice the shared memory
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for Hopper / A100-class shared memory,
+# per head-dim bucket (16-bit inputs; fp32 inputs use the next bucket up). The first entry is
+# the default used when autotuning is off. Chosen so that they compile without (or with little)
+# register spilling for sm_90 (checked with cuobjdump -res-usage).
+_CANDIDATES = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
+            256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
+            512: [(64, 32, 4, 1), (32, 32, 4, 1)]},
+    # BLOCK_M = query rows per step, BLOCK_N = keys owned by one program
+    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
+             128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2)],
+             256: [(16, 64, 8, 2), (32, 64, 8, 2)],
+             512: [(16, 32, 4, 1), (16, 64, 8, 1)]},
+    "dq": {64: [(128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 3)],
+           128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+           256: [(64, 16, 4, 2), (128, 32, 8, 2)],
+           512: [(32, 16, 4, 1), (64, 16, 4, 1)]},
+}
 
 
 def _configs(kind, bucket, cap):
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages). Causal tiling needs BLOCK_N | BLOCK_M (fwd,
-    dq) and BLOCK_M | BLOCK_N (dkdv): every candidate below satisfies that."""
+    """Autotune candidates. Causal tiling needs BLOCK_N | BLOCK_M (fwd, dq) and BLOCK_M | BLOCK_N
+    (dkdv): every candidate satisfies that."""
     if _INTERPRET:
         return {"fwd": [_cfg(32, 16, 4, 1)], "dkdv": [_cfg(16, 32, 4, 1)],
                 "dq": [_cfg(32, 16, 4, 1)]}[kind]
-    big_smem = cap[0] >= 9 or cap in ((8, 0), (8, 7))  # H100/A100-class shared memory
-    if kind == "fwd":
-        if bucket == 64:
-            c = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)]
-        elif bucket == 128:
-            c = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)]
-        else:
-            c = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
-        if not big_smem:
-            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 128 * 64]
-    elif kind == "dkdv":  # BLOCK_M = query step, BLOCK_N = kv block per program
-        if bucket == 64:
-            c = [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3)]
-        elif bucket == 128:
-            c = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)]
-        else:
-            c = [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)]
-        if not big_smem:
-            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 64 * 64]
-    else:  # dq
-        if bucket == 64:
-            c = [(128, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3)]
-        elif bucket == 128:
-            c = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
-        else:
-            c = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)]
-        if not big_smem:
-            c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in c if bm * bn <= 64 * 64]
-    return [_cfg(*x) for x in c] or [_cfg(64, 32, 4, 2)]
+    c = _CANDIDATES[kind][bucket]
+    big_smem = cap[0] >= 9 or cap in ((8, 0), (8, 7))  # H100 / A100-class shared memory
+    if not big_smem:  # ~100 KB of shared memory: smaller tiles, shallower pipelines
+        small = [x for x in c if x[0] * x[1] <= 64 * 64] or [(64, 32, 4, 2)]
+        c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in small]
+    return [_cfg(*x) for x in c]
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
@@ -572,10 +571,10 @@ def _autotune_enabled():
     return os.environ.get("ADAATTN_FLASH_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-def _tuned(kind, bd, device):
+def _tuned(kind, bd, dtype, device):
     cap = _capability(device)
     tune = _autotune_enabled()
-    key = (kind, _bucket(bd), cap, tune)
+    key = (kind, _bucket(bd, dtype), cap, tune)
     fn = _TUNED.get(key)
     if fn is None:
         cfgs = _configs(kind, key[1], cap)
@@ -714,7 +713,7 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), q.device)
     BD = max(16, triton.next_power_of_2(D))
     BDV = max(16, triton.next_power_of_2(Dv))
-    fn = _tuned("fwd", max(BD, BDV), q.device)
+    fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
@@ -796,14 +795,14 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
             Hq, Lq, Dv, BLOCK_DV=BDV, BLOCK_M=PRE_M)
         consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                       MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec)
-        fn = _tuned("dkdv", max(BD, BDV), dev)
+        fn = _tuned("dkdv", max(BD, BDV), q.dtype, dev)
         fn[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
             *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
             *dk.stride(), *dv.stride(),
             Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale,
             STORE_DS=store_ds, **consts)
-        fn = _tuned("dq", max(BD, BDV), dev)
+        fn = _tuned("dq", max(BD, BDV), q.dtype, dev)
         fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
             q, k, v, mask, grad_out, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(), *dq.stride(),

@@ -42,11 +42,17 @@ def hint(x: Any) -> int:
     """A concrete value for a size, for display and planning (no guard)."""
     if isinstance(x, int):
         return x
+    node = getattr(x, "node", None)
+    value = getattr(node, "hint", None)
+    if value is None and node is not None:
+        try:
+            value = node.shape_env.size_hint(node.expr)
+        except Exception:
+            value = None
     try:
-        from torch.fx.experimental.symbolic_shapes import hint_int
-        return int(hint_int(x))
-    except Exception:
-        return -1
+        return int(value)
+    except (TypeError, ValueError):
+        return 1   # an unbacked size: plan as if tiny (display only)
 
 
 def shape_hint(shape) -> tuple:

@@ -431,8 +431,10 @@ def _walk_probs(softmax: fx.Node, m: AttentionMatch):
         if is_call(u, DROPOUT_FUNCTIONS):
             p = arg(u, 1, "p", 0.5)
             training = arg(u, 2, "training" if u.target is not torch.dropout else "train", True)
-            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+            if isinstance(training, fx.Node) or (training and isinstance(p, fx.Node)):
                 raise NoMatch("dropout with a non-constant probability")
+            if not training:
+                p = 0.0
             if training and p > 0:
                 if m.dropout_p:
                     raise NoMatch("two dropouts on the probabilities")
