@@ -156,8 +156,9 @@ def test_head_dims(D, Dv, L, causal):
     _check(1, 2, 1, L, L + 3, D, Dv, torch.float16, causal=causal)
 
 
-def test_head_dims_fp32_scale():
-    _check(1, 2, 2, 23, 31, 80, 48, torch.float32, causal=True, scale=0.3)
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+def test_head_dims_fp32_scale(scale):
+    _check(1, 2, 2, 23, 31, 80, 48, torch.float32, causal=True, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------

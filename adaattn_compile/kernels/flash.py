@@ -68,28 +68,39 @@ def _load_2d(ptrs, row_ok, col_ok, CHECK_ROW: tl.constexpr, CHECK_COL: tl.conste
 
 
 @triton.jit
+def _mask_vals(m, MASK_BOOL: tl.constexpr):
+    if MASK_BOOL:
+        return m != 0
+    else:
+        return m.to(tl.float32) * 1.4426950408889634  # additive mask in log2 units
+
+
+@triton.jit
 def _load_mask_tile(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
                     R_BCAST: tl.constexpr, C_BCAST: tl.constexpr, MASK_BOOL: tl.constexpr):
-    """Load a (R, C) tile of the (broadcast) attention mask as fp32 additive values or int1.
+    """Load a (R, C) tile of the (broadcast) attention mask: int1 (True = attend) for a bool
+    mask, else the additive mask times log2(e) in fp32.
 
-    R_BCAST / C_BCAST: that dim has stride 0, so one vector is loaded and broadcast."""
+    R_BCAST / C_BCAST: that dim has stride 0, so one vector is loaded, converted, and only then
+    broadcast (no per-element conversion of the broadcast tile)."""
     if R_BCAST:
         if C_BCAST:
-            m = tl.load(mask_base + (offs_r[:, None] * 0 + offs_c[None, :] * 0))  # one value
+            m = _mask_vals(tl.load(mask_base + (offs_r[:, None] * 0 + offs_c[None, :] * 0)),
+                           MASK_BOOL)
         else:
-            m = tl.load(mask_base + offs_c * stride_c, mask=offs_c < n_c, other=0)
+            m = _mask_vals(tl.load(mask_base + offs_c * stride_c, mask=offs_c < n_c, other=0),
+                           MASK_BOOL)
             m = tl.broadcast_to(m[None, :], (offs_r.shape[0], offs_c.shape[0]))
     else:
         if C_BCAST:
-            m = tl.load(mask_base + offs_r * stride_r, mask=offs_r < n_r, other=0)
+            m = _mask_vals(tl.load(mask_base + offs_r * stride_r, mask=offs_r < n_r, other=0),
+                           MASK_BOOL)
             m = tl.broadcast_to(m[:, None], (offs_r.shape[0], offs_c.shape[0]))
         else:
-            m = tl.load(mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
-                        mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0)
-    if MASK_BOOL:
-        m = m != 0
-    else:
-        m = m.to(tl.float32)
+            m = _mask_vals(tl.load(mask_base + offs_r[:, None] * stride_r
+                                   + offs_c[None, :] * stride_c,
+                                   mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c),
+                                   other=0), MASK_BOOL)
     return m
 
 
@@ -104,7 +115,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-               MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr):
+               MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
+               POS_SCALE: tl.constexpr):
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
@@ -115,27 +127,37 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
         k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                      n_ok, d_ok, BOUNDARY, not EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if BOUNDARY:
+            ok = n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_m[:, None] >= offs_n[None, :])
         if HAS_MASK:
             am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
                                  MASK_RB, MASK_CB, MASK_BOOL)
             if MASK_BOOL:
                 qk = tl.where(am, qk * qk_scale, float("-inf"))
             else:
-                qk = qk * qk_scale + am * 1.4426950408889634
-        else:
-            qk = qk * qk_scale
-        if BOUNDARY:
-            ok = n_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            qk = tl.where(ok, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        if HAS_MASK:
+                qk = qk * qk_scale + am
+            if BOUNDARY:
+                qk = tl.where(ok, qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # rows with no unmasked key so far: keep exp2 arguments finite (-inf - -inf = nan)
             m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        else:
+            p = tl.math.exp2(qk - m_use[:, None])
+        elif POS_SCALE:
+            # max of the raw scores, then one FMA per element (needs qk_scale > 0)
+            if BOUNDARY:
+                qk = tl.where(ok, qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_ij
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        else:
+            qk = qk * qk_scale
+            if BOUNDARY:
+                qk = tl.where(ok, qk, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_ij
+            p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -158,7 +180,7 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              POS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     EVEN_D: tl.constexpr = BLOCK_D == D
     EVEN_DV: tl.constexpr = BLOCK_DV == DV
     pid_m = tl.program_id(0)
@@ -199,13 +221,13 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                offs_m, offs_d, offs_dv, 0, full_hi, Lq, Lk, D, DV, qk_scale,
                                BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, False, CAUSAL,
-                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE)
     # diagonal (causal) and ragged-edge blocks
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                offs_m, offs_d, offs_dv, full_hi, hi, Lq, Lk, D, DV, qk_scale,
                                BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, True, CAUSAL,
-                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC)
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE)
 
     if HAS_MASK:
         empty = l_i == 0.0
@@ -285,7 +307,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_ba
                 pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
                 pT = tl.where(amT, pT, 0.0)
             else:
-                pT = tl.math.exp2(qkT * qk_scale + amT * 1.4426950408889634 - lse2[None, :])
+                pT = tl.math.exp2(qkT * qk_scale + amT - lse2[None, :])
         else:
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if BOUNDARY:
@@ -423,7 +445,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base,
                 p = tl.math.exp2(qk * qk_scale - lse2[:, None])
                 p = tl.where(am, p, 0.0)
             else:
-                p = tl.math.exp2(qk * qk_scale + am * 1.4426950408889634 - lse2[:, None])
+                p = tl.math.exp2(qk * qk_scale + am - lse2[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if BOUNDARY:
@@ -525,12 +547,13 @@ def _bucket(bd, dtype):
 # the default used when autotuning is off. Chosen so that they compile without (or with little)
 # register spilling for sm_90 (checked with cuobjdump -res-usage).
 _CANDIDATES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                 (128, 128, 8, 4)],
             128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
             256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
             512: [(64, 32, 4, 1), (32, 32, 4, 1)]},
     # BLOCK_M = query rows per step, BLOCK_N = keys owned by one program
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
+    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
              128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2)],
              256: [(16, 64, 8, 2), (32, 64, 8, 2)],
              512: [(16, 32, 4, 1), (16, 64, 8, 1)]},
@@ -723,7 +746,8 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
                  *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), *lse.stride(),
                  Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E,
                  BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
-                 MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=_precision(q.dtype))
+                 MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=_precision(q.dtype),
+                 POS_SCALE=sm_scale > 0)
     return out, lse
 
 

@@ -80,8 +80,40 @@ def _chunk_probs(q, kt, attn_mask, is_causal, scale, start, stop):
     return probs, lse.squeeze(-1)
 
 
+def _cpu_flash(q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    """ATen's fused CPU attention, which also returns the lse: 3x faster than the math below
+    on small problems and O(L) memory. 4-D, same-batch inputs only."""
+    if q.dim() != 4 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    # The raw ATen op (unlike the public SDPA wrapper) assumes unit stride in the head dim.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            return None
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(q.dtype)
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, bool(is_causal), attn_mask=attn_mask, scale=scale)
+    return out, lse.float()
+
+
 def reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gqa, seed):
     """Returns (out in q.dtype, lse in float32)."""
+    if q.device.type == "cpu" and dropout_p == 0.0 and q.numel() and k.numel():
+        try:
+            fused = _cpu_flash(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        except (RuntimeError, AttributeError):
+            fused = None   # shapes or versions the fused kernel refuses: the math path below
+        if fused is not None:
+            return fused
     out_dtype = q.dtype
     q, k, v, attn_mask, scale, rows = _prepare(q, k, v, attn_mask, scale, enable_gqa)
     kt = k.transpose(-1, -2)

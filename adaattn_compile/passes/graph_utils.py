@@ -88,17 +88,14 @@ def location(node: fx.Node) -> str:
 
 def short_path(path: str) -> str:
     import os
+    parts = path.replace("\\", "/").split("/")
+    if "site-packages" in parts:   # .../site-packages/transformers/models/... -> transformers/...
+        return "/".join(parts[parts.index("site-packages") + 1:])
     try:
         rel = os.path.relpath(path)
     except ValueError:
         return path
-    if rel.startswith(".."):
-        parts = path.replace("\\", "/").split("/")
-        # site-packages/transformers/models/gpt2/modeling_gpt2.py -> transformers/models/...
-        if "site-packages" in parts:
-            return "/".join(parts[parts.index("site-packages") + 1:])
-        return path
-    return rel
+    return path if rel.startswith("..") else rel
 
 
 def describe(node: Any) -> str:
