@@ -31,6 +31,14 @@ _recorders: List[List[GraphRecord]] = []
 _recorders_lock = threading.Lock()
 
 
+def reset_ids() -> None:
+    """Number graphs and sites from 0 again (for reproducible reports in tests)."""
+    global _graph_ids
+    from .passes import rewrite
+    _graph_ids = itertools.count()
+    rewrite._site_ids = itertools.count()
+
+
 def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecord:
     """Match and rewrite every attention site of ``gm`` in place; never raises."""
     record = GraphRecord(name=name, code_before=gm.code)
@@ -39,10 +47,10 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecor
     try:
         matches, skipped = find_attention(gm)
         record.skipped = [SkippedSite(name, s.location, s.what, s.reason) for s in skipped]
-        dead = []
+        dead, replaced = [], {}
         for m in matches:
             site_id = new_site_id()
-            call = rewrite_site(gm, m, site_id, options.policy, options.kernel)
+            call = rewrite_site(gm, m, site_id, options.policy, options.kernel, replaced)
             op.register_site(site_id, options)
             record.sites.append(_describe_site(m, call, site_id, name, options))
             dead += m.chain + [m.out_node]

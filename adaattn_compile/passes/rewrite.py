@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree
 
 from .graph_utils import meta
 from .match import AttentionMatch
@@ -40,7 +41,7 @@ def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=N
     # Fake-run the new node so it carries example_value like Dynamo's own nodes.
     fake_args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
     fake_kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
-    flat = [a for a in fx.node.map_aggregate(list(fake_args), lambda x: x)
+    flat = [a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs))
             if isinstance(a, torch.Tensor)]
     mode = _fake_mode(flat)
     try:
@@ -66,8 +67,24 @@ def _cast(graph, node, dtype, trace):
     return _insert(graph, "call_method", "to", (node, dtype), stack_trace=trace)
 
 
+def remap_inputs(m: AttentionMatch, replaced: dict) -> None:
+    """Point a match at the new nodes of sites rewritten before it (one attention's output can
+    be another's input: its old P·V node is gone)."""
+    def fix(node):
+        while node in replaced:
+            node = replaced[node]
+        return node
+    m.q, m.k, m.v, m.sdpa_mask = fix(m.q), fix(m.k), fix(m.v), fix(m.sdpa_mask)
+    for item in (*m.keeps, *m.biases):
+        item.node = fix(item.node)
+    for factor in [*m.factors, *(f for b in m.biases for f in b.factors)]:
+        factor.value = fix(factor.value)
+
+
 def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: str,
-                 kernel: str) -> fx.Node:
+                 kernel: str, replaced: dict) -> fx.Node:
+    """Insert the op call for ``m``; records m.out_node -> its replacement in ``replaced``."""
+    remap_inputs(m, replaced)
     graph = gm.graph
     trace = m.anchor.meta.get("stack_trace")
     with graph.inserting_before(m.out_node):
@@ -92,6 +109,7 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
         if m.out_perm:
             out = _insert(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
     m.out_node.replace_all_uses_with(out)
+    replaced[m.out_node] = out
     return call
 
 
