@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from . import op
+from .passes import mha
 from .options import Options
 from .passes.graph_utils import hint, location, meta, short_path
 from .passes.match import AttentionMatch, find_attention
@@ -54,6 +55,19 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecor
             op.register_site(site_id, options)
             record.sites.append(_describe_site(m, call, site_id, name, options))
             dead += m.chain + [m.out_node]
+        for node in list(gm.graph.nodes):
+            if not mha.is_mha(node):
+                continue
+            try:
+                mha_match = mha.match_mha(node)
+            except ValueError as why:
+                record.skipped.append(SkippedSite(name, location(node), "nn.MultiheadAttention",
+                                                  str(why)))
+                continue
+            site_id = new_site_id()
+            mha.rewrite_mha(mha_match, site_id, options.policy, options.kernel)
+            op.register_site(site_id, options)
+            record.sites.append(_describe_mha(mha_match, site_id, name, options))
         erase_dead(gm, dead)
         gm.graph.lint()
         gm.recompile()
@@ -120,6 +134,26 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
         decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
                           chosen.reason, site_id),
         notes=tuple(m.notes), dynamic=dynamic)
+
+
+def _describe_mha(m, site_id: str, graph: str, options: Options) -> Site:
+    q = meta(m.node.args[0])
+    dtype = str(q.dtype).replace("torch.", "")
+    shapes = [tuple(hint(s) for s in shape) for shape in (m.q_shape, m.k_shape, m.v_shape)]
+    info = op.device_info(q.device)
+    problem = op.planner.Problem(dtype=dtype, q_len=shapes[0][2], k_len=shapes[1][2],
+                                 head_dim=shapes[0][3], v_head_dim=shapes[2][3], mask=m.mask,
+                                 causal=m.causal, dropout_p=m.dropout_p,
+                                 kernel_unsupported="dropout runs on the reference path"
+                                 if m.dropout_p > 0 else None)
+    chosen = op.planner.plan(info, problem, options)
+    return Site(id=site_id, graph=graph, pattern=m.pattern, location=m.location,
+                q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], dtype=dtype,
+                causal=m.causal, mask=m.mask, scale=None, dropout_p=m.dropout_p, gqa_groups=1,
+                decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
+                                  chosen.reason, site_id),
+                notes=("projections and mask merging stay torch's",),
+                dynamic=not all(isinstance(s, int) for s in (*m.q_shape, *m.k_shape)))
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:

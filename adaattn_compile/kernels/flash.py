@@ -76,32 +76,46 @@ def _mask_vals(m, MASK_BOOL: tl.constexpr):
 
 
 @triton.jit
-def _load_mask_tile(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
-                    R_BCAST: tl.constexpr, C_BCAST: tl.constexpr, MASK_BOOL: tl.constexpr):
-    """Load a (R, C) tile of the (broadcast) attention mask: int1 (True = attend) for a bool
-    mask, else the additive mask times log2(e) in fp32.
-
-    R_BCAST / C_BCAST: that dim has stride 0, so one vector is loaded, converted, and only then
-    broadcast (no per-element conversion of the broadcast tile)."""
+def _load_mask_raw(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+                   R_BCAST: tl.constexpr, C_BCAST: tl.constexpr):
+    """Raw mask values of an (R, C) tile: a vector / scalar tile when a dim is broadcast
+    (stride 0), else the full tile. Out-of-range entries read as 0 (= masked for bool)."""
     if R_BCAST:
         if C_BCAST:
-            m = _mask_vals(tl.load(mask_base + (offs_r[:, None] * 0 + offs_c[None, :] * 0)),
-                           MASK_BOOL)
+            m = tl.load(mask_base + (offs_r[:, None] * 0 + offs_c[None, :] * 0))
         else:
-            m = _mask_vals(tl.load(mask_base + offs_c * stride_c, mask=offs_c < n_c, other=0),
-                           MASK_BOOL)
-            m = tl.broadcast_to(m[None, :], (offs_r.shape[0], offs_c.shape[0]))
+            m = tl.load(mask_base + offs_c * stride_c, mask=offs_c < n_c, other=0)
     else:
         if C_BCAST:
-            m = _mask_vals(tl.load(mask_base + offs_r * stride_r, mask=offs_r < n_r, other=0),
-                           MASK_BOOL)
-            m = tl.broadcast_to(m[:, None], (offs_r.shape[0], offs_c.shape[0]))
+            m = tl.load(mask_base + offs_r * stride_r, mask=offs_r < n_r, other=0)
         else:
-            m = _mask_vals(tl.load(mask_base + offs_r[:, None] * stride_r
-                                   + offs_c[None, :] * stride_c,
-                                   mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c),
-                                   other=0), MASK_BOOL)
+            m = tl.load(mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                        mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0)
     return m
+
+
+@triton.jit
+def _mask_finish(m, R: tl.constexpr, C: tl.constexpr, R_BCAST: tl.constexpr,
+                 C_BCAST: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Raw values -> (R, C) tile: int1 (True = attend) for a bool mask, else the additive mask
+    times log2(e) in fp32. Vectors are converted before broadcasting."""
+    m = _mask_vals(m, MASK_BOOL)
+    if R_BCAST:
+        if not C_BCAST:
+            m = tl.broadcast_to(m[None, :], (R, C))
+    else:
+        if C_BCAST:
+            m = tl.broadcast_to(m[:, None], (R, C))
+    return m
+
+
+@triton.jit
+def _load_mask_tile(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+                    R_BCAST: tl.constexpr, C_BCAST: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Load an (R, C) tile of the (broadcast) attention mask (see _mask_finish)."""
+    m = _load_mask_raw(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+                       R_BCAST, C_BCAST)
+    return _mask_finish(m, offs_r.shape[0], offs_c.shape[0], R_BCAST, C_BCAST, MASK_BOOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,10 +134,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
     offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
+    if HAS_MASK:
+        # the mask tile is prefetched one iteration ahead: a plain load used right away would
+        # expose its global-memory latency in every iteration
+        am_next = _load_mask_raw(mask_base, offs_m, lo + offs_nb, stride_mm, stride_mn, Lq, Lk,
+                                 MASK_RB, MASK_CB)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_nb
         n_ok = offs_n < Lk
+        if HAS_MASK:
+            am_raw = am_next
+            am_next = _load_mask_raw(mask_base, offs_m, offs_n + BLOCK_N, stride_mm, stride_mn,
+                                     Lq, Lk, MASK_RB, MASK_CB)
         k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                      n_ok, d_ok, BOUNDARY, not EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -132,8 +155,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
             if CAUSAL:
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
         if HAS_MASK:
-            am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
-                                 MASK_RB, MASK_CB, MASK_BOOL)
+            am = _mask_finish(am_raw, BLOCK_M, BLOCK_N, MASK_RB, MASK_CB, MASK_BOOL)
             if MASK_BOOL:
                 qk = tl.where(am, qk * qk_scale, float("-inf"))
             else:

@@ -1,0 +1,151 @@
+"""F.scaled_dot_product_attention with every argument, and torch.nn's attention modules."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import compile_and_run, rel_err
+
+B, H, L, D = 2, 4, 10, 8
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def padding_mask():
+    keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    keep[1, ..., 6:] = False
+    return keep
+
+
+VARIANTS = {
+    "plain": dict(),
+    "bool_mask_broadcast": dict(attn_mask=padding_mask()),
+    "float_mask_broadcast": dict(attn_mask=rand(1, H, 1, L, seed=3)),
+    "float_mask_full": dict(attn_mask=rand(B, H, L, L, seed=4)),
+    "is_causal": dict(is_causal=True),
+    "scale": dict(scale=0.1),
+    "causal_and_scale": dict(is_causal=True, scale=0.5),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_arguments(variant):
+    kwargs = VARIANTS[variant]
+    q, k, v = rand(B, H, L, D, seed=1), rand(B, H, L, D, seed=2), rand(B, H, L, D, seed=5)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    out, sites, _, _ = compile_and_run(fn, q, k, v)
+    assert len(sites) == 1
+    site = sites[0]
+    assert site.causal == kwargs.get("is_causal", False)
+    mask = kwargs.get("attn_mask")
+    assert site.mask == (None if mask is None else "bool" if mask.dtype == torch.bool else "additive")
+    assert site.scale == kwargs.get("scale")
+    assert rel_err(out, fn(q, k, v)) < 1e-5
+
+
+def test_sdpa_lq_ne_lk_gqa_and_dropout():
+    q, k, v = rand(B, 8, 5, D, seed=1), rand(B, 2, 13, D, seed=2), rand(B, 2, 13, 6, seed=3)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    out, sites, _, _ = compile_and_run(fn, q, k, v)
+    assert len(sites) == 1 and sites[0].gqa_groups == 4 and sites[0].v_shape == (B, 2, 13, 6)
+    assert rel_err(out, fn(q, k, v)) < 1e-5
+
+    def dropped(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+    out, sites, _, _ = compile_and_run(dropped, q, k, v)
+    assert len(sites) == 1 and sites[0].dropout_p == 0.3
+    assert sites[0].decision.kernel == "reference"
+    assert out.shape == (B, 8, 5, 6) and torch.isfinite(out).all()
+
+
+def test_sdpa_constant_causal_mask_becomes_is_causal():
+    def fn(q, k, v):
+        keep = torch.ones(L, L, dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    q = rand(B, H, L, D)
+    out, sites, _, _ = compile_and_run(fn, q, q, q)
+    assert sites[0].causal and sites[0].mask is None
+    assert rel_err(out, fn(q, q, q)) < 1e-5
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention(need_weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = rand(B, L, 32)
+
+    def fn(x):
+        out, weights = mha(x, x, x, need_weights=need_weights)
+        return out if weights is None else (out, weights)
+    with torch.no_grad():
+        out, sites, skipped, _ = compile_and_run(fn, x)
+        ref = fn(x)
+    if need_weights:
+        # The averaged attention weights are returned: the probabilities escape, so the site
+        # is skipped with the reason rather than computed twice.
+        assert sites == [] and len(skipped) == 1 and "escape" in skipped[0].reason
+        assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
+    else:
+        assert len(sites) == 1
+        assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_transformer_layers_training(kind):
+    torch.manual_seed(0)
+    if kind == "encoder":
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        args = (rand(B, L, 32),)
+        n_attention = 1
+    else:
+        layer = nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        args = (rand(B, L, 32), rand(B, 7, 32, seed=1))
+        n_attention = 2
+    layer.train()
+    import adaattn_compile
+    adaattn_compile.reset_stats()
+    out, sites, _, _ = compile_and_run(layer, *args, options={"inner": "aot_eager"})
+    ref = layer(*args)
+    assert len(sites) == n_attention
+    assert all(adaattn_compile.stats()[s.id]["calls"] == 1 for s in sites)
+    assert rel_err(out, ref) < 1e-5
+    grads = torch.autograd.grad(out.sum(), list(layer.parameters()))
+    want = torch.autograd.grad(ref.sum(), list(layer.parameters()))
+    for g, w in zip(grads, want):
+        assert rel_err(g, w) < 1e-4
+
+
+@pytest.mark.parametrize("masks", ["none", "key_padding", "attn_mask_bool", "causal_hint"])
+def test_multihead_attention_masks_route_through_adaattn(masks):
+    import adaattn_compile
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True, kdim=24, vdim=16).eval()
+    x, mem = rand(B, L, 32), rand(B, 7, 24, seed=1)
+    kwargs = {}
+    if masks == "key_padding":
+        kwargs["key_padding_mask"] = torch.zeros(B, 7, dtype=torch.bool)
+        kwargs["key_padding_mask"][0, 5:] = True
+    elif masks == "attn_mask_bool":
+        kwargs["attn_mask"] = torch.rand(L, 7, generator=torch.Generator().manual_seed(2)) > 0.7
+        kwargs["attn_mask"][:, 0] = False
+    mem_v = rand(B, 7, 16, seed=3)
+    if masks == "causal_hint":
+        mem, mem_v = rand(B, L, 24, seed=1), rand(B, L, 16, seed=3)
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(L)
+        kwargs["is_causal"] = True
+
+    def fn(x, mem, mem_v):
+        return mha(x, mem, mem_v, need_weights=False, **kwargs)[0]
+    adaattn_compile.reset_stats()
+    with torch.no_grad():
+        out, sites, _, _ = compile_and_run(fn, x, mem, mem_v, options={"inner": "inductor"})
+        ref = fn(x, mem, mem_v)
+    assert len(sites) == 1 and sites[0].pattern.startswith("nn.MultiheadAttention")
+    assert adaattn_compile.stats()[sites[0].id]["calls"] == 1   # our op really ran
+    assert rel_err(out, ref) < 1e-5
