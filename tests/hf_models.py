@@ -10,7 +10,7 @@ def build(name: str, impl: str, layers: int = 2, seq: int = 10):
     ids = lambda n: torch.randint(0, 100, (2, n), generator=g)  # noqa: E731
     common = dict(attn_implementation=impl)
     if name == "gpt2":
-        cfg = T.GPT2Config(n_layer=layers, n_head=4, n_embd=32, vocab_size=100, n_positions=64,
+        cfg = T.GPT2Config(n_layer=layers, n_head=4, n_embd=32, vocab_size=100, n_positions=1024,
                            bos_token_id=0, eos_token_id=0, **common)
         return T.GPT2Model(cfg), (ids(seq),), {}, layers
     if name == "bert":
