@@ -48,7 +48,8 @@ def test_kernel_failure_falls_back_to_reference_and_warns_once(monkeypatch):
     monkeypatch.setattr(flash, "flash_forward", broken)
     monkeypatch.setattr(flash, "flash_backward", broken)
     adaattn_compile.reset_stats()
-    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: under TRITON_INTERPRET
+    q, k, v = (torch.randn(1, 2, 6, 8, device=device, requires_grad=True) for _ in range(3))
     f = torch.compile(lambda q, k, v: torch.softmax(q @ k.mT * 0.3, -1) @ v,
                       backend=adaattn_compile.backend(kernel="triton", inner="aot_eager",
                                                       policy="exact"))
