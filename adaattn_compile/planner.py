@@ -83,12 +83,12 @@ def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
 def _choose_kernel(device: DeviceInfo, problem: Problem, options: Options):
     if options.kernel == "reference":
         return "reference", "forced by kernel='reference'"
+    if options.kernel != "triton" and device.type != "cuda":
+        return "reference", f"no Triton kernel on {device.type}"
     if problem.kernel_unsupported is not None:
         return "reference", problem.kernel_unsupported
     if options.kernel == "triton":
         return "triton", "forced by kernel='triton'"
-    if device.type != "cuda":
-        return "reference", f"no Triton kernel on {device.type}"
     if device.capability is None or device.capability < (8, 0):
         return "reference", f"{device.describe()} < sm80"
     if problem.dtype not in ("float16", "bfloat16", "float32"):

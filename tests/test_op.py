@@ -144,9 +144,11 @@ def test_bad_tensors():
 def test_triton_kernel_forced_under_interpreter():
     """kernel='triton' runs our Triton kernel (TRITON_INTERPRET=1 on CPU)."""
     pytest.importorskip("triton")
-    q, k, v = rand(1, 2, 9, 16, seed=1), rand(1, 2, 11, 16, seed=2), rand(1, 2, 11, 16, seed=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in (rand(1, 2, 9, 16, seed=1), rand(1, 2, 11, 16, seed=2),
+                                     rand(1, 2, 11, 16, seed=3)))
     adaattn_compile.reset_stats()
     out = adaattn_compile.attention(q, k, v, is_causal=True, kernel="triton")
-    assert rel_err(out, reference_attention(q, k, v, causal=True)) < 1e-4
+    assert rel_err(out.cpu(), reference_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)) < 1e-3
     entry = adaattn_compile.stats()["direct"]
     assert entry["kernel"] == {"triton": 1}, entry
