@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import torch
 
-from . import op as _op  # registers torch.ops.adaattn.*
-from .compiler import AdaAttnBackend, adaattn_backend, record_graphs
+from . import op as _op  # noqa: F401  (registers torch.ops.adaattn.*)
+from .compiler import AdaAttnBackend, adaattn_backend, record_graphs  # noqa: F401
 from .options import OptionError, Options, canonical_policy
 from .report import Report
 from .stats import reset_stats, stats

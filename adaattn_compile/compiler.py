@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -20,7 +20,7 @@ import torch.fx as fx
 from . import op
 from .passes import mha
 from .options import Options
-from .passes.graph_utils import hint, location, meta, short_path
+from .passes.graph_utils import hint, location, meta
 from .passes.match import AttentionMatch, find_attention
 from .passes.rewrite import erase_dead, new_site_id, rewrite_site
 from .report import Decision, GraphRecord, Site, SkippedSite

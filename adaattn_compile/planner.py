@@ -73,7 +73,7 @@ def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
 
     kernel, reason = _choose_kernel(device, problem, options)
     if kernel == "triton" and device.capability is not None:
-        guards.append(f"capability>=sm80")
+        guards.append("capability>=sm80")
     if problem.k_len < options.min_seq_len:
         guards.append(f"k_len<{options.min_seq_len}: exact")
     return Plan(kernel=kernel, precision=precision, rank="dense", seq_bucket=bucket,

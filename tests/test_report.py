@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from expecttest import assert_expected_inline
 
 import adaattn_compile

@@ -27,8 +27,7 @@ from .graph_utils import (BINARY, arg, constant_value, describe, is_call, locati
 
 Scalar = Union[float, fx.Node]
 
-SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.special.softmax, torch._C._nn.softmax
-                     if hasattr(torch._C._nn, "softmax") else F.softmax)
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.special.softmax)
 SDPA_FUNCTIONS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.bmm)
 MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
@@ -87,6 +86,10 @@ class AttentionMatch:
     compute_dtype: Optional[torch.dtype] = None
     chain: List[fx.Node] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
+    # While matching: what was recognised, in source order, and the scales met so far on the
+    # way back from the softmax (a bias added before them must be scaled by them too).
+    pattern_parts: List[str] = dataclasses.field(default_factory=list, repr=False)
+    _scale_after: List[Factor] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def location(self) -> str:
@@ -273,7 +276,6 @@ def _match_qk(node, m: AttentionMatch, scores_meta):
         m.q, m.k = ops
         m.q_perm = _perm(x, "".join(batch) + i[0] + d)
         m.k_perm = _perm(y, "".join(batch) + j[0] + d)
-        m.einsum_batch = len(batch)
         m.pattern_parts.append(f"einsum({equation})")
         return
     raise NoMatch(f"softmax input is not a Q·Kᵀ product (reached {describe(node)})")
@@ -299,7 +301,6 @@ def _is_weight(node) -> bool:
 # Walking back from the softmax input to the product.
 
 def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
-    m._scale_after = []
     x = node
     for _ in range(64):
         if not isinstance(x, fx.Node):
@@ -596,10 +597,8 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
 # Entry points.
 
 def _new_match(kind, anchor) -> AttentionMatch:
-    m = AttentionMatch(kind=kind, pattern="", anchor=anchor, out_node=anchor, q=None, k=None, v=None)
-    m.pattern_parts = []
-    m._scale_after = []
-    return m
+    return AttentionMatch(kind=kind, pattern="", anchor=anchor, out_node=anchor, q=None, k=None,
+                          v=None)
 
 
 def match_softmax(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch:

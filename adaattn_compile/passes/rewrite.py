@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.fx as fx
