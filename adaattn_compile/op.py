@@ -11,6 +11,8 @@ fails, so a kernel bug costs speed, never the model.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 import warnings
@@ -30,7 +32,6 @@ _plan_cache: Dict[tuple, planner.Plan] = {}
 _cache_lock = threading.Lock()
 _warned: set = set()
 
-DEFAULT_OPTIONS = Options()
 
 
 def register_site(site: str, options: Options) -> None:
@@ -40,12 +41,19 @@ def register_site(site: str, options: Options) -> None:
 
 
 def site_options(site: str, policy: str, kernel: str) -> Options:
+    """The options of a rewritten site; for direct calls (and sites compiled in another
+    process), the defaults of the policy and kernel the call names."""
     opts = _site_options.get(site)
     if opts is None:
-        opts = Options.parse(policy=policy)
+        return _options_for(policy, kernel)
     if kernel not in ("", "auto") and kernel != opts.kernel:
-        opts = Options.parse({**opts.__dict__, "kernel": kernel})
+        return dataclasses.replace(opts, kernel=kernel)
     return opts
+
+
+@functools.lru_cache(maxsize=None)
+def _options_for(policy: str, kernel: str) -> Options:
+    return Options.parse(policy=policy, kernel=kernel or "auto")
 
 
 def warn_once(key, message: str) -> None:
@@ -97,10 +105,14 @@ def problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, unsupported
 
 
 def plan_call(site, opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) -> planner.Plan:
+    """The plan for this call, cached per site, options, device, dtype, head shapes and
+    sequence-length bucket (so a dynamic-length model plans once per bucket, not per length)."""
     dev = device_info(q.device)
-    key = (site, opts, dev, q.dtype, tuple(q.shape[-3:]), tuple(k.shape[-3:]), v.shape[-1],
+    key = (site, opts, dev, q.dtype, q.dim(), q.shape[-3] if q.dim() >= 3 else 1,
+           k.shape[-3] if k.dim() >= 3 else 1, q.shape[-1], v.shape[-1],
+           planner.seq_bucket(q.shape[-2]), planner.seq_bucket(k.shape[-2]),
            mask_kind(attn_mask), attn_mask.dim() if attn_mask is not None else -1,
-           bool(is_causal), dropout_p > 0, enable_gqa, q.dim())
+           bool(is_causal), dropout_p > 0, enable_gqa)
     cached = _plan_cache.get(key)
     if cached is not None:
         return cached
@@ -183,7 +195,9 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
     chosen = plan_call(site, opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     kernel_used = chosen.kernel
     result = None
-    if chosen.kernel == "triton":
+    if q.numel() == 0 or k.shape[-2] == 0:   # nothing for a kernel to do (bucket 1 holds L=0)
+        kernel_used = "reference"
+    elif chosen.kernel == "triton":
         try:
             result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         except Exception as exc:  # never lose the model to a kernel failure
@@ -227,7 +241,7 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     chosen = plan_call(site, opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     stats.record_backward(site)
     grads = None
-    if chosen.kernel == "triton":
+    if chosen.kernel == "triton" and q.numel() and k.shape[-2]:
         try:
             grads = _flash_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale,
                                     enable_gqa, mask_needs_grad)
