@@ -288,6 +288,64 @@ def test_strided_grad_out_and_lse():
 
 
 # ----------------------------------------------------------------------------------------------
+# tensor-descriptor (Hopper / TMA) forward: on CPU forced under the interpreter
+# ----------------------------------------------------------------------------------------------
+def _tma_calls(monkeypatch):
+    monkeypatch.setenv("ADAATTN_FLASH_TMA", "force" if DEV == "cpu" else "1")
+    calls = []
+    orig = flash._launch_fwd_tma
+    monkeypatch.setattr(flash, "_launch_fwd_tma", lambda *a, **k: (calls.append(1), orig(*a, **k)))
+    return calls
+
+
+_TMA_CASES = [  # B, Hq, Hkv, Lq, Lk, D, Dv, causal, layout
+    (2, 2, 2, 37, 37, 32, 32, False, "contig"),
+    (2, 2, 2, 50, 19, 32, 32, True, "blhd"),
+    (2, 4, 1, 41, 29, 32, 32, True, "contig"),
+    (1, 2, 1, 21, 24, 40, 40, False, "blhd"),
+    (1, 2, 1, 9, 12, 96, 64, True, "contig"),
+    (1, 2, 1, 18, 21, 32, 96, False, "contig"),
+    (1, 2, 1, 20, 23, 8, 8, True, "blhd"),
+]
+
+
+@pytest.mark.parametrize("case", _TMA_CASES)
+def test_descriptor_path(case, monkeypatch):
+    B, Hq, Hkv, Lq, Lk, D, Dv, causal, layout = case
+    calls = _tma_calls(monkeypatch)
+    _check(B, Hq, Hkv, Lq, Lk, D, Dv, torch.float16, causal=causal, layout=layout)
+    cap = torch.cuda.get_device_capability() if DEV == "cuda" else (9, 0)
+    assert bool(calls) == (cap[0] == 9)
+
+
+@pytest.mark.parametrize("mshape", ["pad", "2d", "full"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_descriptor_path_masks(mshape, kind, monkeypatch):
+    """float "pad" masks of the inputs' dtype take the tensor-core bias add (BIAS_ROWS)."""
+    B, H, Lq, Lk = 2, 2, 35, 42
+    calls = _tma_calls(monkeypatch)
+    _check(B, H, H, Lq, Lk, 32, 32, torch.float16, mask_kind=kind, causal=True,
+           mshape=MASK_SHAPES[mshape](B, H, Lq, Lk), backward=False)
+    cap = torch.cuda.get_device_capability() if DEV == "cuda" else (9, 0)
+    assert bool(calls) == (cap[0] == 9)
+
+
+def test_descriptor_path_misaligned_falls_back(monkeypatch):
+    calls = _tma_calls(monkeypatch)
+    _check(2, 2, 2, 27, 35, 32, 32, torch.float16, layout="padded", backward=False)
+    assert not calls
+
+
+def test_inv_split():
+    for dt in (torch.float16, torch.bfloat16):
+        for s in (1 / math.sqrt(128), 0.125, 0.3):
+            hi, lo, rows = flash._inv_split(s, dt)
+            assert hi > 0 and lo >= 0 and rows == (2 if lo > 0 else 1)
+            assert float(torch.tensor(hi).to(dt)) == hi and float(torch.tensor(lo).to(dt)) == lo
+            assert abs(hi + lo - 1 / s) <= 1e-4 / s
+
+
+# ----------------------------------------------------------------------------------------------
 # supports()
 # ----------------------------------------------------------------------------------------------
 def test_supports_reasons():

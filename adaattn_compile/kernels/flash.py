@@ -25,6 +25,15 @@ Fully masked rows (every key masked out): the output row is 0 and ``lse`` is ``-
 gradients are 0. This matches the math path of ``F.scaled_dot_product_attention`` in
 torch >= 2.5 (which uses a "safe" softmax returning zeros for fully masked rows).
 
+Hopper (sm90) with 16-bit inputs, head dims <= 128 and 16-byte aligned strides: the forward can
+read Q/K/V through 4-D tensor descriptors (bulk tensor copies; zero fill past Lq / Lk / D, so no
+load masks), optionally with a warp-specialized main loop; see :func:`_use_tma` for when (it is
+chosen where it measured faster) and ``ADAATTN_FLASH_TMA`` / ``ADAATTN_FLASH_WS`` to override.
+A build failure there falls back to the plain-load kernel. Additive (B|1, H|1, 1, Lk) masks of
+the inputs' dtype are added by a small tensor-core product (``BIAS_ROWS``; the mask row goes
+through the software pipeline like K and V) instead of a register load per K tile
+(``ADAATTN_FLASH_BIAS_DOT=0`` turns that off).
+
 Block sizes are autotuned (``triton.autotune``), keyed by head dims, causal, mask kind and the
 tensors' dtypes; the candidate list depends on the head-dim bucket and on the GPU's compute
 capability (one autotuner per (kernel, bucket, capability)). Under ``TRITON_INTERPRET=1`` a
@@ -39,6 +48,11 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+
+try:  # bulk-tensor-copy (TMA) descriptors: triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover
+    _TensorDescriptor = None
 
 __all__ = ["supports", "flash_forward", "flash_backward"]
 
@@ -122,7 +136,92 @@ def _load_mask_tile(mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, mask_base, desc_k, desc_v, kv_b, kv_h, bias_a,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+              offs_m, offs_d, offs_dv, start_n, Lq, Lk, D: tl.constexpr, DV: tl.constexpr,
+              qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+              BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+              MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
+              POS_SCALE: tl.constexpr, USE_TMA: tl.constexpr, BIAS_ROWS: tl.constexpr):
+    """One K/V tile of the online softmax. USE_TMA: K/V come through tensor descriptors (rows
+    past Lk and columns past D are zero-filled by the copy engine). BIAS_ROWS > 0: the additive
+    mask is a (.., 1, Lk) row vector that a small tensor-core product adds to the scores (see
+    _bias_operand); it is loaded as a (16, BLOCK_N) tile so that the software pipeliner streams
+    it into shared memory ahead of use like K and V."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Lk
+    if USE_TMA:
+        k = desc_k.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, q.shape[1])
+    else:
+        d_ok = offs_d < D
+        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     n_ok, d_ok, BOUNDARY, not EVEN_D)
+    if BIAS_ROWS > 0:
+        rows = tl.arange(0, 16)
+        bt = tl.load(mask_base + rows[:, None] * 0 + offs_n[None, :] * stride_mn,
+                     mask=(rows[:, None] < BIAS_ROWS) & n_ok[None, :], other=0.0)
+        # scores + bias / sm_scale, exactly enough (fp32 accumulation of bf16/fp16 products)
+        qk = tl.dot(q, tl.trans(k), tl.dot(bias_a, bt.to(q.dtype)), input_precision=PREC)
+    elif HAS_MASK and USE_TMA:
+        # issued before the QK product so that its latency overlaps the tensor-core work (the
+        # descriptor path has the registers for it; the plain-load path spills at 128 x 128)
+        am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
+                             MASK_RB, MASK_CB, MASK_BOOL)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_MASK:
+            am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
+                                 MASK_RB, MASK_CB, MASK_BOOL)
+    if BOUNDARY:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_MASK and BIAS_ROWS == 0:
+        if MASK_BOOL:
+            qk = tl.where(am, qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale + am
+        if BOUNDARY:
+            qk = tl.where(ok, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        # rows with no unmasked key so far: keep exp2 arguments finite (-inf - -inf = nan)
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_use[:, None])
+    elif POS_SCALE:
+        # max of the raw scores, then one FMA per element (needs qk_scale > 0)
+        if BOUNDARY:
+            qk = tl.where(ok, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if HAS_MASK:  # bias rows: -inf entries can mask a whole row
+            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            m_use = m_ij
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    else:
+        qk = qk * qk_scale
+        if BOUNDARY:
+            qk = tl.where(ok, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_ij
+        p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_TMA:
+        v = desc_v.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, acc.shape[1])
+    else:
+        dv_ok = offs_dv < DV
+        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, desc_k, desc_v, kv_b, kv_h, bias_a,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                offs_m, offs_d, offs_dv, lo, hi, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -130,56 +229,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
                BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
-               POS_SCALE: tl.constexpr):
-    offs_nb = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
-    # (prefetching the mask tile one iteration ahead was measured ~5% slower on H100)
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_nb
-        n_ok = offs_n < Lk
-        k = _load_2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                     n_ok, d_ok, BOUNDARY, not EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if BOUNDARY:
-            ok = n_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        if HAS_MASK:
-            am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
-                                 MASK_RB, MASK_CB, MASK_BOOL)
-            if MASK_BOOL:
-                qk = tl.where(am, qk * qk_scale, float("-inf"))
-            else:
-                qk = qk * qk_scale + am
-            if BOUNDARY:
-                qk = tl.where(ok, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            # rows with no unmasked key so far: keep exp2 arguments finite (-inf - -inf = nan)
-            m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = tl.math.exp2(qk - m_use[:, None])
-        elif POS_SCALE:
-            # max of the raw scores, then one FMA per element (needs qk_scale > 0)
-            if BOUNDARY:
-                qk = tl.where(ok, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_ij
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        else:
-            qk = qk * qk_scale
-            if BOUNDARY:
-                qk = tl.where(ok, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = m_ij
-            p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_2d(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                     n_ok, dv_ok, BOUNDARY, not EVEN_DV)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_ij
+               POS_SCALE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+               BIAS_ROWS: tl.constexpr):
+    if WARP_SPEC:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, desc_k, desc_v, kv_b, kv_h, bias_a,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                offs_m, offs_d, offs_dv, start_n, Lq, Lk, D, DV, qk_scale, BLOCK_M, BLOCK_N,
+                EVEN_D, EVEN_DV, BOUNDARY, CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC,
+                POS_SCALE, USE_TMA, BIAS_ROWS)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_step(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, desc_k, desc_v, kv_b, kv_h, bias_a,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                offs_m, offs_d, offs_dv, start_n, Lq, Lk, D, DV, qk_scale, BLOCK_M, BLOCK_N,
+                EVEN_D, EVEN_DV, BOUNDARY, CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC,
+                POS_SCALE, USE_TMA, BIAS_ROWS)
     return acc, l_i, m_i
 
 
@@ -195,7 +264,8 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
-              POS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              POS_SCALE: tl.constexpr, inv_hi, inv_lo, BIAS_ROWS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     EVEN_D: tl.constexpr = BLOCK_D == D
     EVEN_DV: tl.constexpr = BLOCK_DV == DV
     pid_m = tl.program_id(0)
@@ -231,19 +301,46 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
     else:
         hi = Lk
         full_hi = (Lk // BLOCK_N) * BLOCK_N
+    bias_a = _bias_operand(inv_hi, inv_lo, BLOCK_M, BIAS_ROWS, Q.dtype.element_ty)
     # blocks that need no element masking
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, 0, 0, 0, 0, bias_a,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                offs_m, offs_d, offs_dv, 0, full_hi, Lq, Lk, D, DV, qk_scale,
                                BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, False, CAUSAL,
-                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE)
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE,
+                               False, False, BIAS_ROWS)
     # diagonal (causal) and ragged-edge blocks
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, 0, 0, 0, 0, bias_a,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                offs_m, offs_d, offs_dv, full_hi, hi, Lq, Lk, D, DV, qk_scale,
                                BLOCK_M, BLOCK_N, EVEN_D, EVEN_DV, True, CAUSAL,
-                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE)
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE,
+                               False, False, BIAS_ROWS)
 
+    _fwd_epilogue(acc, l_i, m_i, Out, LSE, off_b64, off_h, offs_m, offs_dv, m_ok,
+                  stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                  DV, HAS_MASK)
+
+
+@triton.jit
+def _bias_operand(inv_hi, inv_lo, BLOCK_M: tl.constexpr, BIAS_ROWS: tl.constexpr,
+                  dtype: tl.constexpr):
+    """A (BLOCK_M, 16) operand whose product with the (16, BLOCK_N) tile [bias; bias; 0...] is
+    bias * (inv_hi + inv_lo) = bias / sm_scale in every row (inv_hi, inv_lo: a two-term split of
+    1 / sm_scale, both >= 0 so that -inf biases stay -inf)."""
+    if BIAS_ROWS > 0:
+        cols = tl.arange(0, 16)
+        a_row = tl.where(cols == 0, inv_hi, tl.where(cols == 1, inv_lo, 0.0))
+        a = tl.broadcast_to(a_row[None, :], (BLOCK_M, 16)).to(dtype)
+    else:
+        a = 0
+    return a
+
+
+@triton.jit
+def _fwd_epilogue(acc, l_i, m_i, Out, LSE, off_b64, off_h, offs_m, offs_dv, m_ok,
+                  stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                  DV: tl.constexpr, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -258,6 +355,65 @@ def _attn_fwd(Q, K, V, Mask, Out, LSE,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
     l_base = LSE + off_b64 * stride_lb + off_h.to(tl.int64) * stride_lh
     tl.store(l_base + offs_m * stride_lm, lse, mask=m_ok)
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
+def _attn_fwd_tma(desc_q, desc_k, desc_v, Mask, Out, LSE,
+                  stride_mb, stride_mh, stride_mm, stride_mn,
+                  stride_ob, stride_oh, stride_om, stride_od,
+                  stride_lb, stride_lh, stride_lm,
+                  Hq, GROUP, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                  MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
+                  POS_SCALE: tl.constexpr, inv_hi, inv_lo, BIAS_ROWS: tl.constexpr,
+                  WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Hopper forward: Q/K/V tiles through 4-D tensor descriptors (bulk tensor copies, zero fill
+    past Lq / Lk / D), otherwise the same algorithm as _attn_fwd."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // Hq
+    off_h = pid_bh % Hq
+    off_hk = off_h // GROUP
+    off_b64 = off_b.to(tl.int64)
+    mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+
+    q = desc_q.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, Lk)
+        full_hi = (tl.minimum(start_m, Lk) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Lk
+        full_hi = (Lk // BLOCK_N) * BLOCK_N
+    bias_a = _bias_operand(inv_hi, inv_lo, BLOCK_M, BIAS_ROWS, q.dtype)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, 0, 0, mask_base, desc_k, desc_v, off_b, off_hk,
+                               bias_a, 0, 0, 0, 0, stride_mm, stride_mn,
+                               offs_m, offs_d, offs_dv, 0, full_hi, Lq, Lk, D, DV, qk_scale,
+                               BLOCK_M, BLOCK_N, True, True, False, CAUSAL,
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE,
+                               True, WARP_SPEC, BIAS_ROWS)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, 0, 0, mask_base, desc_k, desc_v, off_b, off_hk,
+                               bias_a, 0, 0, 0, 0, stride_mm, stride_mn,
+                               offs_m, offs_d, offs_dv, full_hi, hi, Lq, Lk, D, DV, qk_scale,
+                               BLOCK_M, BLOCK_N, True, True, True, CAUSAL,
+                               HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PREC, POS_SCALE,
+                               True, False, BIAS_ROWS)
+    _fwd_epilogue(acc, l_i, m_i, Out, LSE, off_b64, off_h, offs_m, offs_dv, m_ok,
+                  stride_ob, stride_oh, stride_om, stride_od, stride_lb, stride_lh, stride_lm,
+                  DV, HAS_MASK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,6 +723,10 @@ _CANDIDATES = {
             128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
             256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
             512: [(64, 32, 4, 1), (32, 32, 4, 1)]},
+    # Hopper forward through tensor descriptors (same buckets; BLOCK_D <= 128 only)
+    "fwd_tma": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                     (128, 128, 8, 4)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)]},
     # BLOCK_M = query rows per step, BLOCK_N = keys owned by one program
     "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
              128: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2)],
@@ -579,13 +739,27 @@ _CANDIDATES = {
 }
 
 
-def _configs(kind, bucket, cap):
+def _tma_pre_hook(nargs):
+    """Tensor-descriptor block shapes follow the config being launched."""
+    bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
+    nargs["desc_q"].block_shape = [1, 1, bm, nargs["BLOCK_D"]]
+    nargs["desc_k"].block_shape = [1, 1, bn, nargs["BLOCK_D"]]
+    nargs["desc_v"].block_shape = [1, 1, bn, nargs["BLOCK_DV"]]
+
+
+def _configs(kind, bucket, cap, override=None):
     """Autotune candidates. Causal tiling needs BLOCK_N | BLOCK_M (fwd, dq) and BLOCK_M | BLOCK_N
     (dkdv): every candidate satisfies that."""
     if _INTERPRET:
-        return {"fwd": [_cfg(32, 16, 4, 1)], "dkdv": [_cfg(16, 32, 4, 1)],
-                "dq": [_cfg(32, 16, 4, 1)]}[kind]
-    c = _CANDIDATES[kind][bucket]
+        c = {"fwd": [(32, 16, 4, 1)], "fwd_tma": [(32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)],
+             "dq": [(32, 16, 4, 1)]}[kind]
+    else:
+        c = override or _CANDIDATES[kind][bucket]
+    if kind == "fwd_tma":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st,
+                              pre_hook=_tma_pre_hook) for bm, bn, w, st in c]
+    if _INTERPRET:
+        return [_cfg(*x) for x in c]
     big_smem = cap[0] >= 9 or cap in ((8, 0), (8, 7))  # H100 / A100-class shared memory
     if not big_smem:  # ~100 KB of shared memory: smaller tiles, shallower pipelines
         small = [x for x in c if x[0] * x[1] <= 64 * 64] or [(64, 32, 4, 2)]
@@ -593,7 +767,8 @@ def _configs(kind, bucket, cap):
     return [_cfg(*x) for x in c]
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_KERNELS = {"fwd": _attn_fwd, "fwd_tma": _attn_fwd_tma, "dkdv": _attn_bwd_dkdv,
+            "dq": _attn_bwd_dq}
 _TUNED: dict = {}
 
 
@@ -609,14 +784,28 @@ def _autotune_enabled():
     return os.environ.get("ADAATTN_FLASH_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
+_KEY_EXTRA = {"fwd": ["BIAS_ROWS"], "fwd_tma": ["BIAS_ROWS", "WARP_SPEC"]}
+
+
+def _config_override(kind):
+    """``ADAATTN_FLASH_CONFIGS_FWD="128,128,8,3;128,64,8,3"`` (likewise ``_FWD_TMA``): replace
+    the candidate list of one kernel (tuning experiments)."""
+    txt = os.environ.get("ADAATTN_FLASH_CONFIGS_" + kind.upper(), "").strip()
+    if not txt:
+        return None
+    return tuple(tuple(int(x) for x in c.split(",")) for c in txt.split(";") if c.strip())
+
+
 def _tuned(kind, bd, dtype, device):
     cap = _capability(device)
     tune = _autotune_enabled()
-    key = (kind, _bucket(bd, dtype), cap, tune)
+    override = None if _INTERPRET else _config_override(kind)
+    key = (kind, _bucket(bd, dtype), cap, tune, override)
     fn = _TUNED.get(key)
     if fn is None:
-        cfgs = _configs(kind, key[1], cap)
-        fn = triton.autotune(configs=cfgs if tune else cfgs[:1], key=_KEY)(_KERNELS[kind])
+        cfgs = _configs(kind, key[1], cap, override)
+        fn = triton.autotune(configs=cfgs if tune else cfgs[:1],
+                             key=_KEY + _KEY_EXTRA.get(kind, []))(_KERNELS[kind])
         _TUNED[key] = fn
     return fn
 
@@ -751,19 +940,128 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), q.device)
     BD = max(16, triton.next_power_of_2(D))
     BDV = max(16, triton.next_power_of_2(Dv))
-    fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device)
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+    prec = _precision(q.dtype)
+    inv_hi, inv_lo, bias_rows = 0.0, 0.0, 0
+    if (has_mask and not is_bool and rb and not cb and attn_mask.dtype == q.dtype
+            and q.dtype in (torch.float16, torch.bfloat16) and sm_scale > 0
+            and _env_flag("ADAATTN_FLASH_BIAS_DOT", True)):
+        inv_hi, inv_lo, bias_rows = _inv_split(sm_scale, q.dtype)
+    consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                  MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec, POS_SCALE=sm_scale > 0,
+                  BIAS_ROWS=bias_rows)
+    tail = (Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E)
 
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
-        fn[grid](q, k, v, mask, out, lse,
-                 *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), *lse.stride(),
-                 Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E,
-                 BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
-                 MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=_precision(q.dtype),
-                 POS_SCALE=sm_scale > 0)
+        if _use_tma(q, k, v, BD, BDV, bool(is_causal), has_mask):
+            ws = _use_ws(q, BD, BDV, bool(is_causal), has_mask)
+            for ws_try in ((True, False) if ws else (False,)):
+                try:
+                    _launch_fwd_tma(q, k, v, mask, ms, out, lse, tail, inv_hi, inv_lo, consts,
+                                    ws_try)
+                    return out, lse
+                except Exception as e:  # compiler / driver without it: next variant instead
+                    key = (_capability(q.device), ws_try, _bucket(max(BD, BDV), q.dtype))
+                    _TMA_FAILED[key] = f"{type(e).__name__}: {str(e)[:2000]}"
+                    warnings.warn(f"flash_forward: tensor-descriptor kernel (warp_specialize="
+                                  f"{ws_try}) failed to build or launch ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); falling back")
+        fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device)
+        fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+            q, k, v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(), *lse.stride(),
+            *tail, inv_hi=inv_hi, inv_lo=inv_lo, **consts)
     return out, lse
+
+
+def _env_flag(name, default):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return v not in ("0", "false", "False", "no")
+
+
+def _inv_split(sm_scale, dtype):
+    """1 / sm_scale as hi + lo, both representable in ``dtype`` and >= 0 (hi rounded down), for
+    the tensor-core bias add. Returns (hi, lo, rows used)."""
+    inv = 1.0 / sm_scale
+    hi_t = torch.tensor([inv], dtype=torch.float64).to(dtype)
+    if float(hi_t) > inv:  # step down one ulp (positive values: integer view minus one)
+        hi_t = (hi_t.view(torch.int16) - 1).view(dtype)
+    hi = float(hi_t)
+    lo = float(torch.tensor([inv - hi], dtype=torch.float64).to(dtype))
+    return hi, lo, (2 if lo > 0 else 1)
+
+
+_TMA_FAILED: dict = {}
+
+
+def _tma_compatible(t):
+    """Bulk tensor copies need a 16-byte aligned base and 16-byte multiple strides (unit last)."""
+    es = t.element_size()
+    if t.data_ptr() % 16 or t.stride(-1) != 1:
+        return False
+    for n, st in zip(t.shape[:-1], t.stride()[:-1]):
+        if n > 1 and (st <= 0 or (st * es) % 16):
+            return False
+    return True
+
+
+def _tma_strides(t):
+    es = t.element_size()
+    return [st if (n > 1 or (st > 0 and (st * es) % 16 == 0)) else 16 // es
+            for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+
+
+def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
+    """Whether to take the tensor-descriptor forward: Hopper (sm90), 16-bit inputs, head dims
+    <= 128, 16-byte aligned strides. ``ADAATTN_FLASH_TMA``: unset = where it measured faster on
+    H100 (triton 3.6: head-dim bucket 128 with causal or a mask; the plain-load kernel is faster
+    for dense non-causal and for head dims <= 64), ``1`` = wherever possible, ``0`` = never,
+    ``force`` = also under the interpreter (tests)."""
+    if _TensorDescriptor is None:
+        return False
+    flag = os.environ.get("ADAATTN_FLASH_TMA", "")
+    if flag == "force" and _INTERPRET:
+        pass
+    elif _INTERPRET or q.device.type != "cuda" or flag in ("0", "false", "False", "no"):
+        return False
+    else:
+        cap = _capability(q.device)
+        if cap[0] != 9 or (cap, False, _bucket(max(BD, BDV), q.dtype)) in _TMA_FAILED:
+            return False
+        if flag == "" and not (64 < max(BD, BDV) <= 128 and (causal or has_mask)):
+            return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or max(BD, BDV) > 128:
+        return False
+    return _tma_compatible(q) and _tma_compatible(k) and _tma_compatible(v)
+
+
+def _use_ws(q, BD, BDV, causal, has_mask):
+    """Warp specialization of the descriptor kernel's main loop (``ADAATTN_FLASH_WS`` 0/1
+    overrides): measured faster on H100 for head-dim bucket 128, causal, no mask; triton 3.6
+    fails to compile it for some other shapes (then the kernel is rebuilt without it)."""
+    if _INTERPRET:
+        return False
+    key = (_capability(q.device), True, _bucket(max(BD, BDV), q.dtype))
+    if key in _TMA_FAILED:
+        return False
+    flag = os.environ.get("ADAATTN_FLASH_WS", "")
+    if flag != "":
+        return flag not in ("0", "false", "False", "no")
+    return 64 < max(BD, BDV) <= 128 and causal and not has_mask
+
+
+def _launch_fwd_tma(q, k, v, mask, ms, out, lse, tail, inv_hi, inv_lo, consts, ws):
+    B, Hq, Lq, _ = q.shape
+    BD, BDV = consts["BLOCK_D"], consts["BLOCK_DV"]
+    # block shapes are placeholders: the config's pre-hook sets them
+    dq = _TensorDescriptor(q, list(q.shape), _tma_strides(q), [1, 1, 16, BD])
+    dk = _TensorDescriptor(k, list(k.shape), _tma_strides(k), [1, 1, 16, BD])
+    dv = _TensorDescriptor(v, list(v.shape), _tma_strides(v), [1, 1, 16, BDV])
+    fn = _tuned("fwd_tma", max(BD, BDV), q.dtype, q.device)
+    fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+        dq, dk, dv, mask, out, lse, *ms, *out.stride(), *lse.stride(), *tail,
+        inv_hi=inv_hi, inv_lo=inv_lo, WARP_SPEC=ws, **consts)
 
 
 class _nullctx:
