@@ -67,9 +67,16 @@ def warn_once(key, message: str) -> None:
 
 def device_info(device: torch.device) -> planner.DeviceInfo:
     if device.type == "cuda":
-        return planner.DeviceInfo("cuda", torch.cuda.get_device_capability(device),
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return planner.DeviceInfo("cuda", _cuda_capability(index),
                                   torch.get_float32_matmul_precision() != "highest")
     return planner.DeviceInfo(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int):
+    # Cached: asking the driver costs ~10 us, and this runs on every call of the op.
+    return torch.cuda.get_device_capability(index)
 
 
 def mask_kind(attn_mask: Optional[Tensor]) -> Optional[str]:
@@ -132,6 +139,9 @@ def plan_call(site, opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) 
 
 def _broadcast_batch(q, k, v, enable_gqa):
     """Expand (stride 0, no copy) q/k/v leading dims to a common batch; GQA heads stay apart."""
+    split = -3 if enable_gqa else -2
+    if q.shape[:split] == k.shape[:split] == v.shape[:split]:
+        return q, k, v   # the common case; torch.broadcast_shapes costs ~50 us a call
     if enable_gqa:
         lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
         return (q.expand(*lead, *q.shape[-3:]), k.expand(*lead, *k.shape[-3:]),

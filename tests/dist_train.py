@@ -38,18 +38,20 @@ def train(mode: str, compiled: bool, steps: int = 3):
     return losses, params, records
 
 
-def main(mode: str):
+def main(mode: str, out_dir: str):
     dist.init_process_group("gloo")
     eager_losses, eager_params, _ = train(mode, compiled=False)
     losses, params, records = train(mode, compiled=True)
     loss_diff = max(abs(a - b) for a, b in zip(losses, eager_losses))
     param_diff = max(float((p - q).abs().max()) for p, q in zip(params, eager_params))
     pieces = ";".join(f"{r.name}:{len(r.sites)}" for r in records)
-    print(f"RESULT rank={dist.get_rank()} mode={mode} pieces={pieces} "
-          f"sites={sum(len(r.sites) for r in records)} loss_diff={loss_diff:.3e} "
-          f"param_diff={param_diff:.3e}", flush=True)
+    # One file per rank: the ranks' stdout interleaves mid-line.
+    with open(f"{out_dir}/rank{dist.get_rank()}.txt", "w") as f:
+        f.write(f"RESULT rank={dist.get_rank()} mode={mode} pieces={pieces} "
+                f"sites={sum(len(r.sites) for r in records)} loss_diff={loss_diff:.3e} "
+                f"param_diff={param_diff:.3e}\n")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -12,13 +12,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_training_under(mode):
+def test_training_under(mode, tmp_path):
     script = Path(__file__).with_name("dist_train.py")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), "ddp" if mode == "ddp" else "fsdp"],
+         str(script), "ddp" if mode == "ddp" else "fsdp", str(tmp_path)],
         capture_output=True, text=True, timeout=400)
-    lines = re.findall(r"RESULT .*", result.stdout)
+    lines = [line for path in sorted(tmp_path.glob("rank*.txt"))
+             for line in re.findall(r"RESULT .*", path.read_text())]
     assert result.returncode == 0 and len(lines) == 2, result.stderr[-4000:]
     for line in lines:
         fields = dict(kv.split("=", 1) for kv in line.split()[1:])
