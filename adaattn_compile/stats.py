@@ -1,13 +1,22 @@
-"""Run-time counters per attention site, for monitoring in production (thread-safe)."""
+"""Run-time counters per attention site, for monitoring in production (thread-safe).
+
+``record_call`` runs on every call of the op, so it does one dict look-up and two integer
+increments under a lock: the per-call counters live in ``_calls``, keyed by
+(site, kernel, precision, rank), and are folded into the per-site entries only when
+:func:`stats` takes a snapshot. The lock keeps counts exact when several threads run one
+compiled model (an uncontended acquire costs ~0.2 us).
+"""
 from __future__ import annotations
 
 import collections
 import copy
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 _lock = threading.Lock()
 _stats: Dict[str, Dict[str, Any]] = {}
+# (site, kernel, precision, rank) -> [calls, head-calls]
+_calls: Dict[Tuple[str, str, str, str], List[int]] = {}
 
 
 def _new_entry() -> Dict[str, Any]:
@@ -23,23 +32,33 @@ def _new_entry() -> Dict[str, Any]:
     }
 
 
+def _entry(site: str) -> Dict[str, Any]:
+    """The site's entry, created on first use (call with ``_lock`` held)."""
+    entry = _stats.get(site)
+    if entry is None:
+        entry = _stats[site] = _new_entry()
+    return entry
+
+
 def record_call(site: str, kernel: str, precision: str, rank: str, heads: int) -> None:
+    key = (site, kernel, precision, rank)
     with _lock:
-        entry = _stats.setdefault(site, _new_entry())
-        entry["calls"] += 1
-        entry["kernel"][kernel] += 1
-        entry["precision"][precision] += 1
-        entry["rank"][rank] += heads
+        counts = _calls.get(key)
+        if counts is None:
+            _entry(site)   # keeps sites in the order they were first seen
+            counts = _calls[key] = [0, 0]
+        counts[0] += 1
+        counts[1] += heads
 
 
 def record_backward(site: str) -> None:
     with _lock:
-        _stats.setdefault(site, _new_entry())["backward_calls"] += 1
+        _entry(site)["backward_calls"] += 1
 
 
 def record_fallback(site: str, reason: str) -> None:
     with _lock:
-        entry = _stats.setdefault(site, _new_entry())
+        entry = _entry(site)
         if reason not in entry["fallbacks"]:
             entry["fallbacks"].append(reason)
 
@@ -48,6 +67,13 @@ def stats() -> Dict[str, Dict[str, Any]]:
     """A snapshot: site id -> counters (plain dicts, safe to keep)."""
     with _lock:
         snap = copy.deepcopy(_stats)
+        calls = [(key, tuple(counts)) for key, counts in _calls.items()]
+    for (site, kernel, precision, rank), (n, heads) in calls:
+        entry = snap[site]
+        entry["calls"] += n
+        entry["kernel"][kernel] += n
+        entry["precision"][precision] += n
+        entry["rank"][rank] += heads
     for entry in snap.values():
         for key in ("kernel", "precision", "rank"):
             entry[key] = dict(entry[key])
@@ -57,3 +83,4 @@ def stats() -> Dict[str, Dict[str, Any]]:
 def reset_stats() -> None:
     with _lock:
         _stats.clear()
+        _calls.clear()

@@ -55,6 +55,8 @@ try:  # bulk-tensor-copy (TMA) descriptors: triton >= 3.4
 except ImportError:  # pragma: no cover
     _TensorDescriptor = None
 
+from . import flash_hopper
+
 __all__ = ["supports", "flash_forward", "flash_backward"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -960,6 +962,15 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     tail = (Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E)
 
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+        if _use_sm90(q, k, v, sm_scale, bool(is_causal)):
+            try:
+                flash_hopper.forward(q, k, v, mask, ms, (has_mask, is_bool, rb, cb),
+                                     bool(is_causal), sm_scale, out, lse)
+                return out, lse
+            except Exception as e:  # a compiler / driver without it: the Triton kernels instead
+                _SM90_FAILED[_sm90_key(q)] = f"{type(e).__name__}: {str(e)[:2000]}"
+                warnings.warn(f"flash_forward: Gluon sm90 kernel failed to build or launch "
+                              f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernel")
         if _use_tma(q, k, v, BD, BDV, bool(is_causal), has_mask):
             ws = _use_ws(q, BD, BDV, bool(is_causal), has_mask)
             for ws_try in ((True, False) if ws else (False,)):
@@ -1001,6 +1012,25 @@ def _inv_split(sm_scale, dtype):
 
 
 _TMA_FAILED: dict = {}
+_SM90_FAILED: dict = {}
+
+
+def _sm90_key(q):
+    return (_capability(q.device), q.dtype, q.shape[-1])
+
+
+def _use_sm90(q, k, v, sm_scale, causal=False):
+    """Whether the Gluon FlashAttention-3-style forward (:mod:`.flash_hopper`) takes the call:
+    where it can (Hopper, fp16/bf16, D = Dv in {64, 128}, aligned strides) unless
+    ``ADAATTN_FLASH_SM90=0`` or it failed to build before for this (capability, dtype, D), and
+    where it measured faster (see ``flash_hopper.unsupported``)."""
+    if q.device.type != "cuda" or not flash_hopper.AVAILABLE:
+        return False
+    if os.environ.get("ADAATTN_FLASH_SM90", "") in ("0", "false", "False", "no"):
+        return False
+    if _sm90_key(q) in _SM90_FAILED:
+        return False
+    return flash_hopper.unsupported(q, k, v, sm_scale, _capability(q.device), causal) is None
 
 
 def _tma_compatible(t):

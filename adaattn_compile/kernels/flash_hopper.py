@@ -1,0 +1,513 @@
+"""Dense flash-attention forward for Hopper (sm90), written in Gluon: FlashAttention-3's schedule.
+
+Why a second forward: the Triton-language kernel in :mod:`.flash` lets the compiler schedule
+the loop, and on an H100 that leaves the softmax (exp2, row max, row sum) serialised with the
+tensor-core products: it reached 61-83 % of cuDNN at head dim 128. Gluon lets us write the
+schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
+
+* **Warp specialisation.** One producer warpgroup issues bulk tensor copies (TMA) of Q once and
+  of K / V into a ``STAGES``-deep shared-memory ring, handing slots over with mbarriers; it runs
+  with few registers so that the consumers get more.
+* **Consumer warpgroups** (``NUM_WG`` of them, 64 query rows each, ``BLOCK_M = 64 * NUM_WG``)
+  run the online softmax with the accumulator and P in registers (P is the register A operand
+  of the P·V product: no shared-memory round trip).
+* **Intra-warpgroup overlap.** Iteration j issues S_j = Q·K_jᵀ and then O += P_{j-1}·V_{j-1}
+  asynchronously; waiting for all but one group completes S_j (groups retire in order), so the
+  softmax of S_j runs while the tensor cores still work on P_{j-1}·V_{j-1}.
+* **Ping-pong** (``PINGPONG``): the consumer warpgroups take turns to issue their products
+  (two mbarriers pass the turn), so that one warpgroup's softmax overlaps the other's products
+  instead of all of them contending for the tensor cores and then all idling in softmax.
+
+Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == Dv`` in
+{64, 128}, q / k / v with 16-byte aligned strides and unit last stride (read in place through
+4-D tensor descriptors: no copies, any (B, H, L, D) stride order), GQA / MQA by indexing the
+kv head, any Lq / Lk >= 1, top-left causal, and masks: a bool or additive mask broadcastable to
+(B, H, Lq, Lk), read tile by tile in the accumulator's register layout (a (.., 1, Lk) key-padding
+row costs one vector load per tile). Numerics are those of :mod:`.flash`: fp32 accumulation,
+fp32 statistics with ``exp2`` (``log2 e`` folded into the scale), fully masked rows give 0 and
+``lse = -inf``.
+
+The module imports on any triton; :data:`AVAILABLE` says whether Gluon's Hopper API is there.
+Nothing here runs under ``TRITON_INTERPRET`` (Gluon has no interpreter): CPU tests exercise the
+host-side choices, GPU tests the kernel.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Gluon (triton >= 3.5). Its API moves between releases: any import error = unavailable.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia import hopper as _hopper
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    AVAILABLE = hasattr(gl, "warp_specialize") and hasattr(_hopper, "warpgroup_mma_wait")
+except Exception:  # pragma: no cover - depends on the installed triton
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "unsupported", "forward"]
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+if AVAILABLE:
+
+    @gluon.jit
+    def _tile(tile, n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr):
+        """Work tile -> (batch, head, first query row, key tiles to visit, how many of them
+        need no element mask). A head's query blocks are consecutive tiles, so that the
+        programs running at the same time share its K / V in L2 (ordering the tiles by work
+        across heads instead measured far slower: every program then streams its own K / V
+        from memory). Causal: a head's heaviest query block first."""
+        bh = tile // n_m
+        pid_m = tile % n_m
+        if CAUSAL:
+            pid_m = n_m - 1 - pid_m
+        start_m = pid_m * BLOCK_M
+        if CAUSAL:
+            hi = gl.minimum(start_m + BLOCK_M, Lk)
+            n_full = gl.minimum(start_m + 1, Lk) // BLOCK_N
+        else:
+            hi = Lk
+            n_full = Lk // BLOCK_N
+        return bh // Hq, bh % Hq, start_m, gl.cdiv(hi, BLOCK_N), n_full
+
+    @gluon.jit
+    def _producer(desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                  k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """Bulk tensor copies, tile after tile: Q once the consumers are done with the last
+        tile's Q, then K_j and V_j into ring slot ``it % STAGES`` as soon as the consumers have
+        released it (``it`` counts K/V tiles over all work tiles, so the ring runs on across
+        them and the next tile's loads overlap this tile's epilogue). Rows past the sequence
+        are zero-filled by the copy engine. Waiting on parity ``phase ^ 1`` lets the first
+        pass through."""
+        q_bytes: gl.constexpr = BLOCK_M * HEAD_D * desc_q.dtype.primitive_bitwidth // 8
+        kv_bytes: gl.constexpr = BLOCK_N * HEAD_D * desc_k.dtype.primitive_bitwidth // 8
+        it = 0
+        done = 0
+        for tile in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
+            off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
+                                                            BLOCK_N, CAUSAL)
+            off_hk = off_h // GROUP
+            # Q in 64-row boxes (one per consumer warpgroup; box sides must be powers of two)
+            mbarrier.wait(q_empty, (done & 1) ^ 1)
+            mbarrier.expect(q_full, q_bytes)
+            for w in gl.static_range(BLOCK_M // 64):
+                tma.async_copy_global_to_shared(desc_q, [off_b, off_h, start_m + w * 64, 0],
+                                                q_full,
+                                                q_smem.index(w).reshape([1, 1, 64, HEAD_D]))
+            for j in range(n_blocks):
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                mbarrier.expect(k_full.index(slot), kv_bytes)
+                tma.async_copy_global_to_shared(desc_k, [off_b, off_hk, j * BLOCK_N, 0],
+                                                k_full.index(slot),
+                                                k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
+                mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                mbarrier.expect(v_full.index(slot), kv_bytes)
+                tma.async_copy_global_to_shared(desc_v, [off_b, off_hk, j * BLOCK_N, 0],
+                                                v_full.index(slot),
+                                                v_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
+                it += 1
+            done += 1
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
+                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+                      HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
+                      MASK_CB: gl.constexpr, layout: gl.constexpr):
+        """Online-softmax step for score tile j: returns (p, m_new, m_use) with the running
+        max in log2 units. Element masking (causal diagonal, keys past Lk) only on the tiles
+        that need it (MASKED). Without a user mask the scale is applied inside the exp2
+        argument (one FMA an element: needs qk_scale > 0, which the host checks)."""
+        offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, layout))
+        if HAS_MASK:
+            # Loaded in compact layouts, then moved into the accumulator's layout (a small
+            # shared-memory shuffle): loading straight into it would hold a 64-bit address per
+            # element, registers the loop has not got.
+            if MASK_RB:
+                if MASK_CB:
+                    am = gl.expand_dims(gl.expand_dims(gl.load(mask_base), 0), 0)
+                else:
+                    vec: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+                    cols = j * BLOCK_N + gl.arange(0, BLOCK_N, vec)
+                    am = gl.load(mask_base + cols * stride_mn, mask=cols < Lk, other=0)
+                    am = gl.expand_dims(gl.convert_layout(am, gl.SliceLayout(0, layout)), 0)
+            else:
+                if MASK_CB:  # a value per query row: two rows a thread in this layout
+                    am = gl.load(mask_base + offs_m * stride_mm, mask=offs_m < Lq, other=0)
+                    am = gl.expand_dims(am, 1)
+                else:
+                    tile: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1],
+                                                          [1, 0])
+                    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, tile))
+                    cols = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, tile))
+                    am = gl.load(mask_base + gl.expand_dims(rows, 1) * stride_mm
+                                 + gl.expand_dims(cols, 0) * stride_mn,
+                                 mask=gl.expand_dims(rows < Lq, 1) & gl.expand_dims(cols < Lk, 0),
+                                 other=0)
+                    am = gl.convert_layout(am, layout)
+            if MASK_BOOL:
+                s = gl.where(am != 0, s * qk_scale, float("-inf"))
+            else:
+                s = s * qk_scale + am.to(gl.float32) * 1.4426950408889634
+        if MASKED:
+            ok = gl.expand_dims(offs_n < Lk, 0)
+            if CAUSAL:
+                ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
+            s = gl.where(ok, s, float("-inf"))
+        if HAS_MASK:
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            # a row whose keys are all masked so far: keep exp2's argument finite (0, not nan)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s - gl.expand_dims(m_use, 1))
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            m_use = m_new
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        return p, m_new, m_use
+
+    @gluon.jit
+    def _step(q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i, l_i,
+              p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm, stride_mn,
+              Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+              HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
+              MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, mma: gl.constexpr,
+              mma_o: gl.constexpr, p_layout: gl.constexpr):
+        """K/V tile j (ring position ``it``): issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1};
+        the softmax of S_j runs while the second product is still on the tensor cores."""
+        slot = it % STAGES
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), it & 1)
+        mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+        s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+        mbarrier.wait(v_full.index(prev), prev_phase)
+        acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+        s, acc = _hopper.warpgroup_mma_wait(1, deps=[s_tok, acc])
+        mbarrier.arrive(k_empty.index(slot))
+        p, m_new, m_use = _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm,
+                                        stride_mn, Lq, Lk, BLOCK_N, CAUSAL, MASKED, HAS_MASK,
+                                        MASK_BOOL, MASK_RB, MASK_CB, mma)
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        p16 = p.to(p_prev.dtype)  # before the wait: the fp32 tile dies here, not after it
+        acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, mma_o)), 1)
+        p_prev = gl.convert_layout(p16, p_layout)
+        return acc, m_new, l_i, p_prev, slot, (it // STAGES) & 1, it + 1
+
+    @gluon.jit
+    def _consumer(Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full, k_empty,
+                  v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                  stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                  stride_mb, stride_mh, stride_mm, stride_mn,
+                  WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
+                  MASK_CB: gl.constexpr, PINGPONG: gl.constexpr):
+        """One warpgroup: rows WG*64 .. WG*64+63 of each work tile's query block."""
+        ROWS: gl.constexpr = 64
+        BLOCK_M: gl.constexpr = 64 * NUM_WG
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+        q = q_smem.index(WG)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, mma)
+        it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
+        done = 0   # work tiles finished (Q phase)
+        for tile in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
+            off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
+                                                            BLOCK_N, CAUSAL)
+            offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
+            mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
+            acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+            mbarrier.wait(q_full, done & 1)
+
+            # K/V tile 0: S_0 only (its P.V is issued together with S_1)
+            slot = it % STAGES
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), it & 1)
+            mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+            s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
+                                          use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+            s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(slot))
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+            if n_full > 0:
+                p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+                                              stride_mn, Lq, Lk, BLOCK_N, CAUSAL, False,
+                                              HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, mma)
+            else:
+                p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+                                              stride_mn, Lq, Lk, BLOCK_N, CAUSAL, True,
+                                              HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, mma)
+            l_i = gl.sum(p, 1)
+            p_prev = gl.convert_layout(p.to(dtype), p_layout)
+            prev = slot
+            prev_phase = (it // STAGES) & 1
+            it += 1
+            # tiles that need no element mask, then the diagonal / ragged-edge ones (two loops
+            # rather than a branch per tile: the branch costs registers the loop has not got)
+            for j in range(1, n_full):
+                acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                    q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i,
+                    l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm,
+                    stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, False, HAS_MASK,
+                    MASK_BOOL, MASK_RB, MASK_CB, PINGPONG, mma, mma_o, p_layout)
+            for j in range(gl.maximum(n_full, 1), n_blocks):
+                acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                    q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i,
+                    l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm,
+                    stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, True, HAS_MASK,
+                    MASK_BOOL, MASK_RB, MASK_CB, PINGPONG, mma, mma_o, p_layout)
+            # every S of this tile is done: the producer may bring the next tile's Q
+            mbarrier.arrive(q_empty)
+
+            mbarrier.wait(v_full.index(prev), prev_phase)
+            acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+            acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(v_empty.index(prev))
+
+            # epilogue: O = acc / l, lse = (m + log2 l) ln 2; fully masked rows: 0 and -inf
+            if HAS_MASK:
+                empty = l_i == 0.0
+                l_safe = gl.where(empty, 1.0, l_i)
+                lse = gl.where(empty, float("-inf"),
+                               (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            else:
+                l_safe = l_i
+                lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+            inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
+            out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
+            rows_o = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma_o))
+            cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
+            o_base = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+            gl.store(o_base + gl.expand_dims(rows_o, 1) * stride_om + gl.expand_dims(cols_o, 0),
+                     out, mask=gl.expand_dims(rows_o < Lq, 1))
+            l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+            gl.store(l_base + offs_m, lse, mask=offs_m < Lq)
+            done += 1
+
+    @gluon.jit(do_not_specialize=["Lq", "Lk"])
+    def _attn_fwd_sm90(desc_q, desc_k, desc_v, Out, LSE, Mask,
+                       stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                       stride_mb, stride_mh, stride_mm, stride_mn,
+                       n_m, BH, Hq, GROUP, Lq, Lk, qk_scale,
+                       HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WG: gl.constexpr,
+                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
+                       MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr, MASK_CB: gl.constexpr,
+                       PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr):
+        """Program p does work tiles p, p + P, p + 2P, ... (P programs: one per tile, or one
+        per SM for the persistent launch; see forward)."""
+        BLOCK_M: gl.constexpr = 64 * NUM_WG
+        dtype: gl.constexpr = desc_q.dtype
+        smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 64, HEAD_D], smem)  # 2^k shapes only
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
+        bar: gl.constexpr = mbarrier.MBarrierLayout()
+        q_full = gl.allocate_shared_memory(gl.int64, [1], bar)
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
+        turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], bar)
+        mbarrier.init(q_full, count=1)
+        mbarrier.init(q_empty, count=NUM_WG)  # every consumer warpgroup releases Q
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=NUM_WG)
+            mbarrier.init(v_empty.index(i), count=NUM_WG)
+        for i in gl.static_range(NUM_WG):
+            mbarrier.init(turn.index(i), count=1)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
+
+        # (argument tuples are spelled out: tuple arithmetic would turn the constexprs into
+        # run-time values)
+        if NUM_WG == 2:
+            gl.warp_specialize([
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                             stride_mb, stride_mh, stride_mm, stride_mn,
+                             0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                             MASK_RB, MASK_CB, PINGPONG)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                             stride_mb, stride_mh, stride_mm, stride_mn,
+                             1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                             MASK_RB, MASK_CB, PINGPONG)),
+                (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
+                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+            ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                             stride_mb, stride_mh, stride_mm, stride_mn,
+                             0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                             MASK_RB, MASK_CB, PINGPONG)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                             stride_mb, stride_mh, stride_mm, stride_mn,
+                             1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                             MASK_RB, MASK_CB, PINGPONG)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
+                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                             stride_mb, stride_mh, stride_mm, stride_mn,
+                             2, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                             MASK_RB, MASK_CB, PINGPONG)),
+                (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
+                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS) per head dim,
+# mask kind ("none"; "row": a mask broadcast over queries or keys, a vector per tile; "tile": a
+# full (.., Lq, Lk) mask, whose tile takes registers: 64-key tiles keep it from spilling) and
+# causality.
+# * Shared memory: Q (64 NUM_WG x D) + STAGES x (K + V) (BLOCK_N x D each), 2 bytes an element:
+#   one program per SM either way.
+# * PERSISTENT: one program per SM looping over the work tiles, which overlaps a tile's
+#   prologue and epilogue with its neighbours' (measured faster at L <= 4k). Not for causal:
+#   its tiles differ in work, and the hardware's dynamic scheduling of one program per tile
+#   balanced them better than a static round robin (run 3 of 2026-11-25: 400 vs 470 TFLOP/s
+#   at L = 2k, D = 128).
+# * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
+#   checked for spills with scripts/sm90_offline_compile.py.
+_BASE = {
+    (64, "none"): (128, 3, 3, True, 24, 160),
+    (64, "row"): (128, 3, 3, True, 24, 160),
+    (64, "tile"): (64, 2, 3, True, 24, 240),
+    (128, "none"): (128, 2, 2, True, 24, 240),
+    (128, "row"): (128, 2, 2, True, 24, 240),
+    (128, "tile"): (64, 2, 3, True, 24, 240),
+}
+_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, not causal, pr, cr)
+            for (d, kind), (bn, wg, st, pp, pr, cr) in _BASE.items() for causal in (False, True)}
+HEAD_DIMS = (64, 128)
+
+
+def mask_kind(has_mask, row_bcast, col_bcast):
+    if not has_mask:
+        return "none"
+    return "row" if (row_bcast or col_bcast) else "tile"
+
+
+def config(head_d, kind, causal):
+    """The launch config; ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,
+    PERSISTENT,PREGS,CREGS"`` replaces it (tuning runs)."""
+    txt = (os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}_{kind}")
+           or os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}", "")).strip()
+    if not txt:
+        return _CONFIGS[(head_d, kind, bool(causal))]
+    v = [int(x) for x in txt.split(",")]
+    return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _aligned(t):
+    """Bulk tensor copies need a 16-byte aligned base and 16-byte multiple strides."""
+    es = t.element_size()
+    if t.data_ptr() % 16 or t.stride(-1) != 1:
+        return False
+    return all(n == 1 or (st > 0 and (st * es) % 16 == 0)
+               for n, st in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def unsupported(q, k, v, scale, capability, causal=False):
+    """None if :func:`forward` takes these (4-D, already validated by ``flash.supports``)
+    inputs on a device of ``capability``, else a short reason."""
+    if not AVAILABLE:
+        return "Gluon (triton >= 3.5) unavailable"
+    if _INTERPRET or q.device.type != "cuda":
+        return "needs a CUDA device"
+    if capability[0] != 9:
+        return f"sm{capability[0]}{capability[1]} (the Gluon kernel is for sm90)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {str(q.dtype).replace('torch.', '')}"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv or D not in HEAD_DIMS:
+        return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
+    if not (_aligned(q) and _aligned(k) and _aligned(v)):
+        return "strides not 16-byte aligned"
+    if not scale > 0:
+        return "scale <= 0"
+    if D == 64 and causal:
+        # measured slower than the Triton-language kernel (2026-11-25, H100, bf16: 250-414 vs
+        # 370-417 TFLOP/s at L = 2k-16k): with 64-wide heads the per-tile overhead of the
+        # diagonal tiles is a larger share of the work
+        return "causal with head dim 64 (the Triton kernel measured faster)"
+    return None
+
+
+def _descriptor(t, block_rows, head_d):
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_rows, head_d],
+                                                  gl.float16 if t.dtype == torch.float16
+                                                  else gl.bfloat16)
+    # size-1 dims may carry any stride; the copy engine wants 16-byte multiples everywhere
+    es = t.element_size()
+    strides = [st if (n > 1 or (st > 0 and (st * es) % 16 == 0)) else 16 // es
+               for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, head_d], layout)
+
+
+def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
+    """Launch the sm90 forward. ``mask`` / ``mask_strides`` / ``mask_flags`` come from
+    ``flash._prep_mask`` (``mask_flags = (has_mask, is_bool, row_bcast, col_bcast)``);
+    ``out`` (B, Hq, Lq, D) and ``lse`` (B, Hq, Lq) are written."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    has_mask, is_bool, rb, cb = mask_flags
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs = config(
+        D, mask_kind(has_mask, rb, cb), is_causal)
+    n_m = -(-Lq // (64 * num_wg))
+    tiles = n_m * B * Hq
+    programs = min(tiles, _sm_count(q.device.index)) if persistent else tiles
+    _attn_fwd_sm90[(programs,)](
+        _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
+        out, lse, mask, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        *mask_strides, n_m, B * Hq, Hq, Hq // Hkv, Lq, Lk, sm_scale * _LOG2E,
+        HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg, STAGES=stages, CAUSAL=bool(is_causal),
+        HAS_MASK=has_mask, MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PINGPONG=pingpong,
+        PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, num_warps=4)
+    return out, lse

@@ -1,0 +1,102 @@
+"""Compile the Gluon sm90 attention kernel for an H100 on a machine without a GPU.
+
+Runs the whole Triton pipeline (Gluon frontend, TTGIR passes, LLVM, ptxas for sm_90a) and prints
+each variant's registers, spills and shared memory, so that layout errors, register spills and
+shared-memory overflows are found before spending device time. Needs a triton with Gluon and
+its bundled ptxas (the GPU machine's triton 3.6; here: a side venv with ``triton==3.6.0``).
+
+    python scripts/sm90_offline_compile.py [--dims 64,128] [--variants plain,causal,bias,mask]
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
+
+from adaattn_compile.kernels import flash_hopper as fh  # noqa: E402
+
+
+def compile_sm90(fn, args, num_warps=4):
+    from triton.experimental.gluon._runtime import GluonASTSource
+    sig, consts = {}, {}
+    for name in fn.arg_names:
+        value = args[name]
+        if fn.params[fn.arg_names.index(name)].is_constexpr:
+            sig[name], consts[name] = "constexpr", value
+        else:
+            sig[name] = mangle_type(value)
+    src = GluonASTSource(fn, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
+def resources(kernel):
+    ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        txt = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", txt)
+    stack = re.search(r"STACK:(\d+)", txt)
+    return (int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--variants", default="plain,causal,bias,mask")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dump", default="", help="folder for ttgir/ptx of each variant")
+    a = ap.parse_args()
+    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    for D in [int(x) for x in a.dims.split(",")]:
+        for variant in a.variants.split(","):
+            kind = {"bias": "row", "mask": "tile"}.get(variant, "none")
+            cfg = fh.config(D, kind, variant == "causal")
+            block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
+            B, H, L = 2, 4, 1024
+            q = torch.empty(B, H, L, D, dtype=dt)
+            mask = torch.empty(B, 1, 1, L, dtype=dt) if variant == "bias" else (
+                torch.empty(B, H, L, L, dtype=torch.uint8) if variant == "mask" else
+                torch.empty(1, dtype=torch.float32))
+            has_mask = variant in ("bias", "mask")
+            args = dict(desc_q=fh._descriptor(q, 64, D), desc_k=fh._descriptor(q, block_n, D),
+                        desc_v=fh._descriptor(q, block_n, D), Out=q, LSE=torch.empty(B, H, L),
+                        Mask=mask, stride_ob=1, stride_oh=1, stride_om=1, stride_lb=1, stride_lh=1,
+                        stride_mb=1, stride_mh=1, stride_mm=1, stride_mn=1, n_m=8, BH=B * H, Hq=H, GROUP=1,
+                        Lq=L, Lk=L, qk_scale=0.1, HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg,
+                        STAGES=stages, CAUSAL=variant == "causal", HAS_MASK=has_mask,
+                        MASK_BOOL=variant == "mask", MASK_RB=variant == "bias", MASK_CB=False,
+                        PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs)
+            try:
+                k = compile_sm90(fh._attn_fwd_sm90, args)
+            except Exception as e:  # print the compiler's complaint and go on
+                cause = e
+                while cause.__cause__ is not None or cause.__context__ is not None:
+                    cause = cause.__cause__ or cause.__context__
+                print(f"D={D} {variant}: FAILED {type(e).__name__}: {str(e)[-1500:]}\n"
+                      f"  cause: {type(cause).__name__}: {str(cause)[:1500]}")
+                continue
+            regs, stack = resources(k)
+            ptx = k.asm["ptx"]
+            print(f"D={D} {variant:6s} cfg={cfg} "
+                  f"regs={regs} stack={stack} smem={k.metadata.shared} "
+                  f"wgmma={ptx.count('wgmma.mma_async')} setmaxnreg={re.findall(r'setmaxnreg[^;]*', ptx)} "
+                  f"local={'ld.local' in ptx or 'st.local' in ptx}")
+            if a.dump:
+                os.makedirs(a.dump, exist_ok=True)
+                for ext in ("ttgir", "ptx"):
+                    with open(os.path.join(a.dump, f"D{D}_{variant}.{ext}"), "w") as f:
+                        f.write(k.asm[ext])
+
+
+if __name__ == "__main__":
+    main()
