@@ -18,10 +18,15 @@ def train(mode: str, compiled: bool, steps: int = 3):
         # Several buckets, so that Dynamo's DDPOptimizer splits the graph at their bounds.
         model = DDP(model, bucket_cap_mb=1)
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
+        # a CPU mesh: the default mesh follows CUDA where it is present, and a one-GPU machine
+        # has no device for the second rank
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     runner = torch.compile(model, backend="adaattn") if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []

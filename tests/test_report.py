@@ -3,7 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from expecttest import assert_expected_inline
+import pytest
+
+assert_expected_inline = pytest.importorskip("expecttest").assert_expected_inline
 
 import adaattn_compile
 from adaattn_compile.compiler import reset_ids

@@ -888,12 +888,11 @@ def supports(q, k, v, attn_mask=None, dropout_p=0.0):
             return f"mask has {attn_mask.dim()} dims"
         if attn_mask.device != q.device:
             return "mask on a different device"
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
-        except RuntimeError:
-            return f"mask shape {tuple(attn_mask.shape)} not broadcastable to {(B, Hq, Lq, Lk)}"
-        if torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk)) != (B, Hq, Lq, Lk):
-            return f"mask shape {tuple(attn_mask.shape)} not broadcastable to {(B, Hq, Lq, Lk)}"
+        # broadcastable to exactly (B, Hq, Lq, Lk); checked by hand: torch.broadcast_shapes
+        # costs tens of microseconds, on every call
+        target = (B, Hq, Lq, Lk)
+        if any(m != 1 and m != t for m, t in zip(attn_mask.shape[::-1], target[::-1])):
+            return f"mask shape {tuple(attn_mask.shape)} not broadcastable to {target}"
     return None
 
 
@@ -948,20 +947,10 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     out = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), q.device)
-    BD = max(16, triton.next_power_of_2(D))
-    BDV = max(16, triton.next_power_of_2(Dv))
-    prec = _precision(q.dtype)
-    inv_hi, inv_lo, bias_rows = 0.0, 0.0, 0
-    if (has_mask and not is_bool and rb and not cb and attn_mask.dtype == q.dtype
-            and q.dtype in (torch.float16, torch.bfloat16) and sm_scale > 0
-            and _env_flag("ADAATTN_FLASH_BIAS_DOT", True)):
-        inv_hi, inv_lo, bias_rows = _inv_split(sm_scale, q.dtype)
-    consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
-                  MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec, POS_SCALE=sm_scale > 0,
-                  BIAS_ROWS=bias_rows)
-    tail = (Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E)
 
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+    with _on_device(q.device):
+        # the Gluon sm90 kernel first: where it runs, nothing below is needed (its host path
+        # is kept short: this runs once per attention call)
         if _use_sm90(q, k, v, sm_scale, bool(is_causal)):
             try:
                 flash_hopper.forward(q, k, v, mask, ms, (has_mask, is_bool, rb, cb),
@@ -971,6 +960,18 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
                 _SM90_FAILED[_sm90_key(q)] = f"{type(e).__name__}: {str(e)[:2000]}"
                 warnings.warn(f"flash_forward: Gluon sm90 kernel failed to build or launch "
                               f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernel")
+        BD = max(16, triton.next_power_of_2(D))
+        BDV = max(16, triton.next_power_of_2(Dv))
+        prec = _precision(q.dtype)
+        inv_hi, inv_lo, bias_rows = 0.0, 0.0, 0
+        if (has_mask and not is_bool and rb and not cb and attn_mask.dtype == q.dtype
+                and q.dtype in (torch.float16, torch.bfloat16) and sm_scale > 0
+                and _env_flag("ADAATTN_FLASH_BIAS_DOT", True)):
+            inv_hi, inv_lo, bias_rows = _inv_split(sm_scale, q.dtype)
+        consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
+                      MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec,
+                      POS_SCALE=sm_scale > 0, BIAS_ROWS=bias_rows)
+        tail = (Hq, Hq // Hkv, Lq, Lk, D, Dv, sm_scale * _LOG2E)
         if _use_tma(q, k, v, BD, BDV, bool(is_causal), has_mask):
             ws = _use_ws(q, BD, BDV, bool(is_causal), has_mask)
             for ws_try in ((True, False) if ws else (False,)):
@@ -1110,6 +1111,17 @@ class _nullctx:
         return False
 
 
+_NULLCTX = _nullctx()
+
+
+def _on_device(device):
+    """``torch.cuda.device(device)`` only where it is not already current (entering it costs
+    a few microseconds, on every call)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NULLCTX
+    return torch.cuda.device(device)
+
+
 def _reduce_to_shape(full, shape):
     """Sum a (B, H, Lq, Lk) tensor over the dims that ``shape`` broadcasts."""
     nd = len(shape)
@@ -1162,7 +1174,7 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
     else:
         ds = torch.empty(1, device=dev, dtype=torch.float32)
 
-    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+    with _on_device(dev):
         PRE_M = 16 if _INTERPRET else 64
         _bwd_preprocess[(triton.cdiv(Lq, PRE_M), B * Hq)](
             out, grad_out, lse, delta, lse2,
