@@ -767,8 +767,11 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
     elif compiler == "stock":
         fn = torch.compile(model, backend=s.stock_backend, dynamic=False)
     else:
-        fn = torch.compile(model, backend="adaattn", dynamic=False,
-                           options={"policy": policy, "inner": s.inner})
+        # adaattn_compile.backend(...) is the backend the "adaattn" entry point names (the
+        # API contract); the callable does not depend on how the package was installed (on
+        # the GPU machine an in-tree egg-info once hid the entry point from importlib)
+        fn = torch.compile(model, backend=adaattn_compile.backend(policy=policy, inner=s.inner),
+                           dynamic=False)
         adaattn_compile.reset_stats()
     step = case.step_fn(fn)
     recorder = record_graphs() if compiler == "adaattn" else contextlib.nullcontext([])
@@ -1290,9 +1293,10 @@ def _warm_process(settings: Settings) -> None:
                 elif compiler == "adaattn":
                     # kernel="reference": load our modules without compiling (or timing)
                     # the Triton kernels: that cost belongs to the first real adaattn compile.
-                    torch.compile(model, backend="adaattn", dynamic=False,
-                                  options={"policy": settings.policies[0], "kernel": "reference",
-                                           "inner": settings.inner})(idx)
+                    import adaattn_compile
+                    torch.compile(model, dynamic=False, backend=adaattn_compile.backend(
+                        policy=settings.policies[0], kernel="reference",
+                        inner=settings.inner))(idx)
                 else:
                     model(idx)
             except Exception:

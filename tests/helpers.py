@@ -41,3 +41,28 @@ def reference_attention(q, k, v, mask=None, causal=False, scale=None, gqa=False)
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p @ v
+
+
+def reference_with_lse(q, k, v, mask, causal, scale):
+    """float64 attention with a 'safe' softmax (fully masked rows -> 0); returns out, lse."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    Lq, Lk = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril(),
+                          float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.double()
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    lse = (torch.log(l) + m).squeeze(-1)
+    return p @ v, lse

@@ -9,29 +9,13 @@ import pytest
 import torch
 
 from adaattn_compile.kernels import flash, flash_hopper
+from helpers import reference_with_lse
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 sm90 = pytest.mark.skipif(not HAS_SM90, reason="needs an sm90 (Hopper) GPU")
 
 
-def _reference(q, k, v, mask, causal, scale):
-    """float64 attention with a 'safe' softmax (fully masked rows -> 0); returns out, lse."""
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    Lq, Lk = s.shape[-2:]
-    if causal:
-        s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril(),
-                          float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    lse = (torch.log(l) + m).squeeze(-1)
-    return e @ v / torch.where(l == 0, torch.ones_like(l), l), lse
+_reference = reference_with_lse  # (tests/helpers.py)
 
 
 def _rel(a, b):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaattn_compile.kernels import flash
+from helpers import reference_with_lse
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -38,29 +39,7 @@ def _rel(a, b):
     return (a - b).norm().item() / den
 
 
-def _reference(q, k, v, mask, causal, scale):
-    """float64 attention with a 'safe' softmax (fully masked rows -> 0); returns out, lse."""
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(g, dim=1)
-    v = v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    Lq, Lk = s.shape[-2:]
-    if causal:
-        s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril(),
-                          float("-inf"))
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, float("-inf"))
-        else:
-            s = s + mask.double()
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    p = e / torch.where(l == 0, torch.ones_like(l), l)
-    lse = (torch.log(l) + m).squeeze(-1)
-    return p @ v, lse
+_reference = reference_with_lse  # (tests/helpers.py)
 
 
 def _make(shape, dtype, layout="contig"):

@@ -1,5 +1,9 @@
 """Dense flash attention in Triton: forward and backward (FlashAttention-2 algorithm).
 
+:func:`flash_forward` first offers the call to the Gluon sm90 forward (:mod:`.flash_hopper`,
+FlashAttention-3's schedule: Hopper, fp16/bf16, D = Dv in {64, 128}, where it measured faster);
+everything else, and every backward, runs the kernels in this file.
+
 Public API (used by the rest of the package):
 
 * :func:`supports` -- ``None`` if the kernel can run the inputs, else a short human reason.
@@ -900,10 +904,15 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+_DUMMY_MASK: dict = {}
+
+
 def _prep_mask(attn_mask, shape, device):
     """-> (tensor, strides (b, h, m, n), has_mask, is_bool, row_bcast, col_bcast)."""
     if attn_mask is None:
-        dummy = torch.empty(1, device=device, dtype=torch.float32)
+        dummy = _DUMMY_MASK.get(device)
+        if dummy is None:  # never read (HAS_MASK is off): one per device, not one per call
+            dummy = _DUMMY_MASK[device] = torch.empty(1, device=device, dtype=torch.float32)
         return dummy, (0, 0, 0, 0), False, False, False, False
     m = attn_mask
     is_bool = m.dtype == torch.bool

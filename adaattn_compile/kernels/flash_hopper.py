@@ -449,11 +449,11 @@ def _sm_count(index):
 
 def _aligned(t):
     """Bulk tensor copies need a 16-byte aligned base and 16-byte multiple strides."""
-    es = t.element_size()
-    if t.data_ptr() % 16 or t.stride(-1) != 1:
+    strides, es = t.stride(), t.element_size()   # (read once: stride() costs ~0.5 us a call)
+    if t.data_ptr() % 16 or strides[-1] != 1:
         return False
     return all(n == 1 or (st > 0 and (st * es) % 16 == 0)
-               for n, st in zip(t.shape[:-1], t.stride()[:-1]))
+               for n, st in zip(t.shape[:-1], strides[:-1]))
 
 
 def unsupported(q, k, v, scale, capability, causal=False):
