@@ -15,15 +15,18 @@ schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
   asynchronously; waiting for all but one group completes S_j (groups retire in order), so the
   softmax of S_j runs while the tensor cores still work on P_{j-1}·V_{j-1}.
 * **Ping-pong** (``PINGPONG``): the consumer warpgroups take turns to issue their products
-  (two mbarriers pass the turn), so that one warpgroup's softmax overlaps the other's products
-  instead of all of them contending for the tensor cores and then all idling in softmax.
+  (one mbarrier per warpgroup passes the turn), so that one warpgroup's softmax overlaps the
+  other's products instead of all of them contending for the tensor cores and then all idling
+  in softmax.
+* **Persistent programs** (``PERSISTENT``, non-causal): one program per SM walks the work tiles,
+  and the producer loads the next tile's Q / K / V while the consumers finish the last one.
 
 Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == Dv`` in
 {64, 128}, q / k / v with 16-byte aligned strides and unit last stride (read in place through
 4-D tensor descriptors: no copies, any (B, H, L, D) stride order), GQA / MQA by indexing the
-kv head, any Lq / Lk >= 1, top-left causal, and masks: a bool or additive mask broadcastable to
-(B, H, Lq, Lk), read tile by tile in the accumulator's register layout (a (.., 1, Lk) key-padding
-row costs one vector load per tile). Numerics are those of :mod:`.flash`: fp32 accumulation,
+kv head, any Lq / Lk >= 1, top-left causal (head dim 128: causal D=64 measured faster on the
+Triton kernel), and masks: a bool or additive mask broadcastable to (B, H, Lq, Lk), read tile by
+tile (a (.., 1, Lk) key-padding row costs one vector load per tile). Numerics are those of :mod:`.flash`: fp32 accumulation,
 fp32 statistics with ``exp2`` (``log2 e`` folded into the scale), fully masked rows give 0 and
 ``lse = -inf``.
 
@@ -507,9 +510,10 @@ class _HostDescriptor:
         self.base, self.shape, self.strides, self.padding = t, list(t.shape), _strides16(t), "zero"
 
 
-# Compiled kernels by specialisation (see _launch_key), launched without JITFunction.run: in
-# triton 3.6 its argument binding, cache-key string and descriptor checks cost ~150 us a call,
-# 7x an SDPA call, which is what small attention calls pay.
+# Compiled kernels by specialisation (the key built in forward), launched without
+# JITFunction.run: in triton 3.6 its argument binding, cache-key string and descriptor checks
+# cost tens of microseconds a call, which small attention calls pay in full (an SDPA call costs
+# ~22 us of host time in all).
 _LAUNCHERS: dict = {}
 _FAST_LAUNCH = True
 
