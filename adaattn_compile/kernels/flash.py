@@ -1025,8 +1025,8 @@ _TMA_FAILED: dict = {}
 _SM90_FAILED: dict = {}
 
 
-def _sm90_key(q):
-    return (_capability(q.device), q.dtype, q.shape[-1])
+def _sm90_key(q, capability=None):
+    return (capability or _capability(q.device), q.dtype, q.shape[-1])
 
 
 def _use_sm90(q, k, v, sm_scale, causal=False):
@@ -1038,26 +1038,10 @@ def _use_sm90(q, k, v, sm_scale, causal=False):
         return False
     if os.environ.get("ADAATTN_FLASH_SM90", "") in ("0", "false", "False", "no"):
         return False
-    if _sm90_key(q) in _SM90_FAILED:
+    cap = _capability(q.device)
+    if _sm90_key(q, cap) in _SM90_FAILED:
         return False
-    return flash_hopper.unsupported(q, k, v, sm_scale, _capability(q.device), causal) is None
-
-
-def _tma_compatible(t):
-    """Bulk tensor copies need a 16-byte aligned base and 16-byte multiple strides (unit last)."""
-    es = t.element_size()
-    if t.data_ptr() % 16 or t.stride(-1) != 1:
-        return False
-    for n, st in zip(t.shape[:-1], t.stride()[:-1]):
-        if n > 1 and (st <= 0 or (st * es) % 16):
-            return False
-    return True
-
-
-def _tma_strides(t):
-    es = t.element_size()
-    return [st if (n > 1 or (st > 0 and (st * es) % 16 == 0)) else 16 // es
-            for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+    return flash_hopper.unsupported(q, k, v, sm_scale, cap, causal) is None
 
 
 def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
@@ -1081,7 +1065,7 @@ def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
             return False
     if q.dtype not in (torch.float16, torch.bfloat16) or max(BD, BDV) > 128:
         return False
-    return _tma_compatible(q) and _tma_compatible(k) and _tma_compatible(v)
+    return all(flash_hopper.tma_aligned(t) for t in (q, k, v))
 
 
 def _use_ws(q, BD, BDV, causal, has_mask):
@@ -1103,9 +1087,9 @@ def _launch_fwd_tma(q, k, v, mask, ms, out, lse, tail, inv_hi, inv_lo, consts, w
     B, Hq, Lq, _ = q.shape
     BD, BDV = consts["BLOCK_D"], consts["BLOCK_DV"]
     # block shapes are placeholders: the config's pre-hook sets them
-    dq = _TensorDescriptor(q, list(q.shape), _tma_strides(q), [1, 1, 16, BD])
-    dk = _TensorDescriptor(k, list(k.shape), _tma_strides(k), [1, 1, 16, BD])
-    dv = _TensorDescriptor(v, list(v.shape), _tma_strides(v), [1, 1, 16, BDV])
+    dq = _TensorDescriptor(q, list(q.shape), flash_hopper.tma_strides(q), [1, 1, 16, BD])
+    dk = _TensorDescriptor(k, list(k.shape), flash_hopper.tma_strides(k), [1, 1, 16, BD])
+    dv = _TensorDescriptor(v, list(v.shape), flash_hopper.tma_strides(v), [1, 1, 16, BDV])
     fn = _tuned("fwd_tma", max(BD, BDV), q.dtype, q.device)
     fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
         dq, dk, dv, mask, out, lse, *ms, *out.stride(), *lse.stride(), *tail,

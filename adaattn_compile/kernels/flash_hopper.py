@@ -26,9 +26,9 @@ Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == D
 4-D tensor descriptors: no copies, any (B, H, L, D) stride order), GQA / MQA by indexing the
 kv head, any Lq / Lk >= 1, top-left causal (head dim 128: causal D=64 measured faster on the
 Triton kernel), and masks: a bool or additive mask broadcastable to (B, H, Lq, Lk), read tile by
-tile (a (.., 1, Lk) key-padding row costs one vector load per tile). Numerics are those of :mod:`.flash`: fp32 accumulation,
-fp32 statistics with ``exp2`` (``log2 e`` folded into the scale), fully masked rows give 0 and
-``lse = -inf``.
+tile (a (.., 1, Lk) key-padding row costs one vector load per tile). Numerics are those of
+:mod:`.flash`: fp32 accumulation, fp32 statistics with ``exp2`` (``log2 e`` folded into the
+scale), fully masked rows give 0 and ``lse = -inf``.
 
 The module imports on any triton; :data:`AVAILABLE` says whether Gluon's Hopper API is there.
 Nothing here runs under ``TRITON_INTERPRET`` (Gluon has no interpreter): CPU tests exercise the
@@ -450,8 +450,9 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _aligned(t):
-    """Bulk tensor copies need a 16-byte aligned base and 16-byte multiple strides."""
+def tma_aligned(t):
+    """Bulk tensor copies need a 16-byte aligned base, a unit last stride and 16-byte multiple
+    strides (size-1 dims excepted). Shared with :mod:`.flash`'s descriptor kernel."""
     strides, es = t.stride(), t.element_size()   # (read once: stride() costs ~0.5 us a call)
     if t.data_ptr() % 16 or strides[-1] != 1:
         return False
@@ -473,7 +474,7 @@ def unsupported(q, k, v, scale, capability, causal=False):
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
         return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
-    if not (_aligned(q) and _aligned(k) and _aligned(v)):
+    if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
         return "strides not 16-byte aligned"
     if not scale > 0:
         return "scale <= 0"
@@ -485,8 +486,9 @@ def unsupported(q, k, v, scale, capability, causal=False):
     return None
 
 
-def _strides16(t):
-    # size-1 dims may carry any stride; the copy engine wants 16-byte multiples everywhere
+def tma_strides(t):
+    """Descriptor strides: size-1 dims may carry any stride; the copy engine wants 16-byte
+    multiples everywhere. Shared with :mod:`.flash`'s descriptor kernel."""
     es = t.element_size()
     return [st if (n > 1 or (st > 0 and (st * es) % 16 == 0)) else 16 // es
             for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
@@ -496,7 +498,7 @@ def _descriptor(t, block_rows, head_d):
     layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_rows, head_d],
                                                   gl.float16 if t.dtype == torch.float16
                                                   else gl.bfloat16)
-    return TensorDescriptor(t, list(t.shape), _strides16(t), [1, 1, block_rows, head_d], layout)
+    return TensorDescriptor(t, list(t.shape), tma_strides(t), [1, 1, block_rows, head_d], layout)
 
 
 class _HostDescriptor:
@@ -507,7 +509,7 @@ class _HostDescriptor:
     __slots__ = ("base", "shape", "strides", "padding")
 
     def __init__(self, t):
-        self.base, self.shape, self.strides, self.padding = t, list(t.shape), _strides16(t), "zero"
+        self.base, self.shape, self.strides, self.padding = t, list(t.shape), tma_strides(t), "zero"
 
 
 # Compiled kernels by specialisation (the key built in forward), launched without
