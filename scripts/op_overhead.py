@@ -55,21 +55,21 @@ def per_call_us(fns, repeat: int, number: int, sync=lambda: None):
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def calls(q, k, v):
+def calls(q, k, v, causal=False):
     opov = torch.ops.adaattn.attention.default
     body = getattr(op_module, "attention_impl", None)   # the op's Python body
     if body is None:   # the custom_op version of op.py
         body = getattr(getattr(op_module, "attention_op", None), "_init_fn", None)
     rows = {
-        "reference_forward": lambda: reference.reference_forward(q, k, v, None, False, None, 0.0,
+        "reference_forward": lambda: reference.reference_forward(q, k, v, None, causal, None, 0.0,
                                                                  False, 0),
-        "op (graph call)": lambda: opov(q, k, v, None, 0.0, False, None, False, "s0",
+        "op (graph call)": lambda: opov(q, k, v, None, 0.0, causal, None, False, "s0",
                                         "balanced", "auto"),
-        "adaattn.attention": lambda: adaattn_compile.attention(q, k, v),
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+        "adaattn.attention": lambda: adaattn_compile.attention(q, k, v, is_causal=causal),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
     if body is not None:
-        rows["op body (no dispatch)"] = lambda: body(q, k, v, None, 0.0, False, None, False, "s0",
+        rows["op body (no dispatch)"] = lambda: body(q, k, v, None, 0.0, causal, None, False, "s0",
                                                      "balanced", "auto")
     return rows
 
@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=31, help="batches (the median is kept)")
     parser.add_argument("--number", type=int, default=300, help="calls per batch")
     parser.add_argument("--profile", action="store_true", help="cProfile the op (graph call)")
+    parser.add_argument("--causal", action="store_true", help="is_causal=True calls")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,11 +94,11 @@ def main(argv=None) -> None:
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
     with torch.no_grad():
-        no_grad = per_call_us(calls(q, k, v), args.repeat, args.number, sync)
-    with_grad = per_call_us(calls(qg, kg, vg), args.repeat, args.number, sync)
+        no_grad = per_call_us(calls(q, k, v, args.causal), args.repeat, args.number, sync)
+    with_grad = per_call_us(calls(qg, kg, vg, args.causal), args.repeat, args.number, sync)
     with torch.inference_mode():
         qi, ki, vi = (t.clone() for t in (q, k, v))
-        inference = per_call_us(calls(qi, ki, vi), args.repeat, args.number, sync)
+        inference = per_call_us(calls(qi, ki, vi, args.causal), args.repeat, args.number, sync)
 
     print(f"torch {torch.__version__}, shape {shape} {args.dtype}, {args.device}, "
           f"{args.threads} thread(s), us/call: median (min) of {args.repeat} batches of "
@@ -115,7 +116,8 @@ def main(argv=None) -> None:
             with ctx():
                 prof.enable()
                 for _ in range(2000):
-                    opov(*tensors, None, 0.0, False, None, False, "s0", "balanced", "auto")
+                    opov(*tensors, None, 0.0, args.causal, None, False, "s0", "balanced",
+                         "auto")
                 prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)

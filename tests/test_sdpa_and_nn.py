@@ -74,6 +74,41 @@ def test_sdpa_constant_causal_mask_becomes_is_causal():
     assert rel_err(out, fn(q, q, q)) < 1e-5
 
 
+
+def _hf_style_keep(lq, lk):
+    """transformers' ``sdpa_mask`` (>= 4.48) as Dynamo traces it: index comparisons combined
+    with ``operator.and_`` / ``or_`` (whose names end in "_" but are not in place)."""
+    q_idx = torch.arange(lq)[None, None, :, None]
+    kv_idx = torch.arange(lk)[None, None, None, :]
+    keep = torch.ones((), dtype=torch.bool) & (kv_idx <= q_idx)
+    same_doc = torch.zeros(lk, dtype=torch.long)        # one packed sequence
+    keep = keep & (same_doc[kv_idx] == same_doc[q_idx])
+    return (keep | torch.zeros((), dtype=torch.bool)).expand(1, -1, lq, lk)
+
+
+def test_sdpa_mask_combined_with_and_is_proven_causal():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_hf_style_keep(L, L))
+    q = rand(B, H, L, D)
+    out, sites, _, _ = compile_and_run(fn, q, q, q)
+    assert sites[0].causal and sites[0].mask is None
+    assert rel_err(out, fn(q, q, q)) < 1e-5
+
+
+def test_sdpa_mask_written_in_place_is_not_folded():
+    """``keep &= x`` mutates the mask: evaluating the graph's factories would not see the
+    write, so the mask must stay a runtime mask."""
+    def fn(q, k, v, extra):
+        keep = torch.ones(L, L, dtype=torch.bool).tril()
+        keep &= extra
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    q = rand(B, H, L, D)
+    extra = torch.rand(L, L) > 0.3
+    extra.diagonal().fill_(True)
+    out, sites, _, _ = compile_and_run(fn, q, q, q, extra)
+    assert not sites[0].causal and sites[0].mask == "bool"
+    assert rel_err(out, fn(q, q, q, extra)) < 1e-5
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention(need_weights):
     torch.manual_seed(0)

@@ -42,13 +42,14 @@ import warnings
 
 import torch
 
+from . import launch
+
 try:  # Gluon (triton >= 3.5). Its API moves between releases: any import error = unavailable.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia import hopper as _hopper
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton import knobs
 
     AVAILABLE = hasattr(gl, "warp_specialize") and hasattr(_hopper, "warpgroup_mma_wait")
 except Exception:  # pragma: no cover - depends on the installed triton
@@ -474,15 +475,16 @@ def unsupported(q, k, v, scale, capability, causal=False):
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
         return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
-    if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
-        return "strides not 16-byte aligned"
-    if not scale > 0:
-        return "scale <= 0"
-    if D == 64 and causal:
+    if D == 64 and causal and os.environ.get("ADAATTN_SM90_CAUSAL64", "") != "1":
+        # (checked first: the checks below cost microseconds per call)
         # measured slower than the Triton-language kernel (2026-11-25, H100, bf16: 250-414 vs
         # 370-417 TFLOP/s at L = 2k-16k): with 64-wide heads the per-tile overhead of the
         # diagonal tiles is a larger share of the work
         return "causal with head dim 64 (the Triton kernel measured faster)"
+    if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
+        return "strides not 16-byte aligned"
+    if not scale > 0:
+        return "scale <= 0"
     return None
 
 
@@ -551,7 +553,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
                 *ints, Lq, Lk, sm_scale * _LOG2E, *consts)
         try:
             stream = torch._C._cuda_getCurrentRawStream(device)
-            enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            enter, leave = launch.hooks()
             meta = kernel.launch_metadata((programs, 1, 1), stream, *args) if enter else None
             kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
                        enter, leave, *args)

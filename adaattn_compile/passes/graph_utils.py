@@ -222,6 +222,10 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.imatmul}
 
 
+_INPLACE_DUNDERS = frozenset({"__setitem__"} | {f"__{op.__name__}__" for op in _INPLACE_OPERATORS})
+_OPERATOR_FUNCTIONS = frozenset(f for f in vars(operator).values() if callable(f)) - _INPLACE_OPERATORS
+
+
 def _mutates(user: fx.Node, value: fx.Node) -> bool:
     """Whether ``user`` may write into ``value`` in place."""
     if user.op == "call_function":
@@ -229,10 +233,17 @@ def _mutates(user: fx.Node, value: fx.Node) -> bool:
             return True
         if user.target in _INPLACE_OPERATORS:
             return True
+        if user.target in _OPERATOR_FUNCTIONS:
+            return False   # operator.and_ / or_ / not_ are out of place despite the "_"
         name = getattr(user.target, "__name__", "")
         return name.endswith("_") and not name.startswith("_")
     if user.op == "call_method":
-        return user.target.endswith("_") and user.args and user.args[0] is value
+        name = user.target
+        if name.startswith("__") and name.endswith("__"):
+            # dunders (__eq__, __and__, ... as some torch versions trace `a == b`) are out of
+            # place, except the augmented assignments and item writes
+            return name in _INPLACE_DUNDERS
+        return name.endswith("_") and bool(user.args) and user.args[0] is value
     return False
 
 

@@ -1,0 +1,170 @@
+"""Direct launches of compiled Triton kernels, skipping ``JITFunction.run`` after the first call.
+
+In triton 3.6 one launch through ``kernel[grid](...)`` costs 60-140 us of host time on the
+H100 machine (autotuner lookup, argument binding, the cache-key string, the launch-metadata
+hook), against ~25 us for a whole SDPA call. A small attention call (batch 1, GPT-2 sizes)
+runs its kernel in about as long, so that host time was the call's time, and a 12-layer model
+at L = 4k lost to stock ``torch.compile`` on it (2026-11-25, H100, gpt2-sdpa 0.90x).
+
+:func:`launch` goes through Triton (compile, autotune) the first time it sees a
+*specialisation* (what Triton keys its compiled kernels and autotune choices on: tensor dtypes
+and 16-byte alignment, int arguments' ``== 1`` / ``% 16`` / 32-bit facts, constexpr values),
+remembers the compiled kernel and the chosen config, and from then on calls the compiled
+launcher itself. Kernels with descriptor arguments or autotune pre-hooks are not handled here
+(their launches do work between binding and launch): call them the usual way. Used by
+``flash.flash_forward``'s Triton forward (checked on the H100 end to end: the outputs match
+stock's); the backward's kernels still launch through Triton.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+try:  # the launch hooks live in triton.knobs from triton 3.4 on
+    from triton import knobs as _knobs
+except Exception:  # pragma: no cover - older triton: no direct launches
+    _knobs = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "False")
+# turned off for the process by ADAATTN_DIRECT_LAUNCH=0, or by the first failure (another
+# triton's launcher API): every launch then goes through triton as before
+_ENABLED = (_knobs is not None and not _INTERPRET
+            and os.environ.get("ADAATTN_DIRECT_LAUNCH", "1") not in ("0", "false", "False", "no"))
+
+
+class _Plan:
+    """What one specialisation needs to launch: the compiled kernel, the full argument list
+    with the constexpr and config values filled in, and the values the grid may read."""
+    __slots__ = ("kernel", "values", "meta")
+
+    def __init__(self, kernel, values, meta):
+        self.kernel, self.values, self.meta = kernel, values, meta
+
+
+def hooks():
+    """Triton's launch enter / exit hooks, None where none is set (in triton 3.6 they are
+    ``HookChain`` objects, always truthy: an empty chain would still be called, and make us
+    build the launch metadata it is given, on every launch)."""
+    rt = _knobs.runtime
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if enter is not None and not getattr(enter, "calls", True):
+        enter = None
+    if leave is not None and not getattr(leave, "calls", True):
+        leave = None
+    return enter, leave
+
+
+def _stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def _spec(x):
+    """What Triton specialises a runtime argument on (plus the type, so that a float and an
+    int never share an entry)."""
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.data_ptr() % 16 == 0)
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return (x == 1, x % 16 == 0, -2**31 <= x < 2**31)
+    if isinstance(x, float):
+        return float
+    raise TypeError(type(x).__name__)
+
+
+class _Signature:
+    """The kernel's parameters: names, which are constexpr, their defaults."""
+
+    def __init__(self, fn, jit_fn):
+        self.fn = fn   # held so that its id (the plans' key) is never reused by another object
+        params = jit_fn.params
+        self.names = [p.name for p in params]
+        self.constexpr = [bool(p.is_constexpr) for p in params]
+        self.defaults = {p.name: p.default for p in params if p.has_default}
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+
+_SIGNATURES: Dict[int, _Signature] = {}
+_PLANS: Dict[Any, _Plan] = {}
+
+
+def _jit_of(fn):
+    """The JITFunction under an autotuner (or the function itself)."""
+    while not hasattr(fn, "params") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def launch(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[Any],
+           kwargs: Dict[str, Any], device: torch.device):
+    """``fn[grid](*args, **kwargs)``, directly once this specialisation has been launched.
+
+    ``fn``: a ``@triton.jit`` function or a ``triton.autotune`` wrapper of one (no pre-hooks,
+    no descriptor arguments). ``grid``: a function of the kernel's constexpr and config values
+    (``meta["BLOCK_M"]``); anything else it needs, it closes over.
+    """
+    global _ENABLED
+    if not _ENABLED:
+        return fn[grid](*args, **kwargs)
+    sig = _SIGNATURES.get(id(fn))
+    if sig is None:
+        sig = _SIGNATURES[id(fn)] = _Signature(fn, _jit_of(fn))
+    constexpr, index = sig.constexpr, sig.index
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        key = (id(fn), dev,
+               tuple(a if constexpr[i] else _spec(a) for i, a in enumerate(args)),
+               tuple((n, v if constexpr[index[n]] else _spec(v)) for n, v in kwargs.items()))
+    except TypeError:   # an argument kind we do not know how Triton specialises
+        return fn[grid](*args, **kwargs)
+    plan = _PLANS.get(key)
+    if plan is None:
+        kernel = fn[grid](*args, **kwargs)
+        _remember(fn, sig, key, kernel, args, kwargs)
+        return kernel
+    values = list(plan.values)
+    values[:len(args)] = args
+    for n, v in kwargs.items():
+        values[index[n]] = v
+    g = tuple(grid(plan.meta)) + (1, 1)
+    kernel = plan.kernel
+    try:
+        stream = _stream(dev)
+        enter, leave = hooks()
+        meta = kernel.launch_metadata(g[:3], stream, *values) if enter else None
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta,
+                   enter, leave, *values)
+    except Exception as exc:
+        _ENABLED = False
+        warnings.warn(f"adaattn: direct kernel launch failed ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); launching through triton from now on")
+        return fn[grid](*args, **kwargs)
+    return kernel
+
+
+def _remember(fn, sig: _Signature, key, kernel, args, kwargs) -> None:
+    """Record the launch plan of a specialisation just launched through triton."""
+    if not (hasattr(kernel, "run") and hasattr(kernel, "function")
+            and hasattr(kernel, "packed_metadata")):
+        return
+    config = getattr(fn, "best_config", None)
+    if config is not None and config.pre_hook is not None:
+        return   # a launch with hooks: leave it to triton
+    bound: Dict[str, Any] = dict(sig.defaults)
+    bound.update(zip(sig.names, args))
+    bound.update(kwargs)
+    if config is not None:
+        bound.update(config.kwargs)
+    if any(n not in bound for n in sig.names):
+        return
+    meta = {n: bound[n] for n, c in zip(sig.names, sig.constexpr) if c}
+    _PLANS[key] = _Plan(kernel, [bound[n] for n in sig.names], meta)
+
+
+def clear() -> None:
+    """Forget every plan (tests; a changed autotune setting)."""
+    _PLANS.clear()
+    _SIGNATURES.clear()

@@ -1,0 +1,89 @@
+"""Where a compiled model's time goes: stock torch.compile against adaattn, kernel by kernel.
+
+    python3 scripts/profile_model.py --model llama-sdpa --seq 4096 [--layers 4] [--top 25]
+
+Builds the benchmark registry's model (bf16, batch 1, inference), compiles it both ways, and
+for each prints the wall time of one forward, the GPU time summed over kernels (their gap is
+host time the GPU waited for) and the kernels sorted by GPU time. Written to diagnose models
+where adaattn is slower than stock (issue 6's "SDPA models >= 1.0x").
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import adaattn_compile
+from adaattn_compile.bench import build_model, main_tensor
+
+
+def timed(step, n=10):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(step, top):
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_total = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    lines = [f"  GPU time per forward (sum of kernels): {gpu_total:.3f} ms"]
+    for e in rows:
+        lines.append(f"  {e.self_device_time_total / 3 / 1e3:8.3f} ms  x{e.count // 3:<4d} "
+                     f"{e.key[:110]}")
+    cpu = sorted([e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU],
+                 key=lambda e: -e.self_cpu_time_total)[:12]
+    lines.append("  host (self CPU time per forward):")
+    for e in cpu:
+        lines.append(f"  {e.self_cpu_time_total / 3 / 1e3:8.3f} ms  x{e.count // 3:<4d} {e.key[:100]}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="llama-sdpa")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--policy", default="exact")
+    args = ap.parse_args()
+
+    built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda",
+                        layers=args.layers)
+    model = built.model.eval()
+    a, kw = built.make_inputs()
+    a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
+    for name, fn in (("stock", torch.compile(model, dynamic=False)),
+                     ("adaattn", torch.compile(model, dynamic=False,
+                                               backend=adaattn_compile.backend(policy=args.policy)))):
+        torch._dynamo.reset()
+
+        def step():
+            with torch.no_grad():
+                return main_tensor(fn(*a, **kw))
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        print(f"== {args.model} L={args.seq} {name}: first call {time.perf_counter() - t0:.1f} s, "
+              f"median {timed(step):.3f} ms", flush=True)
+        if name == "adaattn":
+            print("  ", adaattn_compile.stats(), flush=True)
+        print(kernel_table(step, args.top), flush=True)
+
+
+if __name__ == "__main__":
+    main()
