@@ -1,10 +1,10 @@
 """Direct launches of compiled Triton kernels, skipping ``JITFunction.run`` after the first call.
 
-In triton 3.6 one launch through ``kernel[grid](...)`` costs 60-140 us of host time on the
-H100 machine (autotuner lookup, argument binding, the cache-key string, the launch-metadata
-hook), against ~25 us for a whole SDPA call. A small attention call (batch 1, GPT-2 sizes)
-runs its kernel in about as long, so that host time was the call's time, and a 12-layer model
-at L = 4k lost to stock ``torch.compile`` on it (2026-11-25, H100, gpt2-sdpa 0.90x).
+In triton 3.6 a launch of an autotuned kernel through ``kernel[grid](...)`` took ~140 us of
+host time under cProfile on the H100 machine (autotuner lookup, argument binding, the cache-key
+string, the launch metadata), against ~21 us for a whole SDPA call. A small attention call
+(batch 1, GPT-2 sizes) runs its kernel in less, so that host time was the call's time
+(2026-11-25: our op 377 us a call before this module, 118 us with it).
 
 :func:`launch` goes through Triton (compile, autotune) the first time it sees a
 *specialisation* (what Triton keys its compiled kernels and autotune choices on: tensor dtypes
