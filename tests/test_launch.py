@@ -67,6 +67,8 @@ def test_second_launch_is_direct_with_full_arguments(fake):
     (grid, values), = fake.kernel.runs
     assert grid == (6, 3, 1)                  # this call's grid, the remembered config's BLOCK
     assert values[0] is x2 and values[1:] == (64, 64, 32, 7)
+    # the plan keeps no tensor of the first call alive
+    assert not any(isinstance(v, torch.Tensor) for p in launch._PLANS.values() for v in p.values)
 
 
 @pytest.mark.parametrize("change", ["int_spec", "constexpr", "dtype", "kwarg"])

@@ -161,7 +161,10 @@ def _remember(fn, sig: _Signature, key, kernel, args, kwargs) -> None:
     if any(n not in bound for n in sig.names):
         return
     meta = {n: bound[n] for n, c in zip(sig.names, sig.constexpr) if c}
-    _PLANS[key] = _Plan(kernel, [bound[n] for n in sig.names], meta)
+    # tensors are this call's: every later call passes its own in their place, and keeping
+    # them here would hold the first call's buffers alive for the life of the process
+    values = [None if isinstance(bound[n], torch.Tensor) else bound[n] for n in sig.names]
+    _PLANS[key] = _Plan(kernel, values, meta)
 
 
 def clear() -> None:
