@@ -15,22 +15,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import adaattn_compile
-from adaattn_compile.bench import build_model, main_tensor
+from adaattn_compile.bench import build_model, main_tensor, time_calls
 
 
 def timed(step, n=10):
+    """Median ms of ``n`` calls after 3 warm-up calls (the benchmark harness's timer)."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_calls(step, n, "cuda"))
 
 
 def kernel_table(step, top):
