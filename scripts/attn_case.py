@@ -7,7 +7,8 @@ SDPA's backends, timed on the GPU.
 --shape B,Hq,Hkv,L,D; --hf-layout gives q/k/v the strides of HF's (B,L,H,D).transpose(1,2).
 Each variant is NAME[:ENV=VALUE+...]; it times ``flash.flash_forward`` with those environment
 switches set. Also timed: the op (``adaattn_compile.attention``) and SDPA flash / cuDNN. Prints
-ms per call (CUDA events over back-to-back calls, median of interleaved rounds), TFLOP/s and the error against SDPA.
+ms per call (CUDA events over back-to-back calls, median of interleaved rounds), TFLOP/s and
+the error against SDPA.
 """
 import argparse
 import os
