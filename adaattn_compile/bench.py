@@ -510,6 +510,9 @@ class Row:
     first_call_s: Optional[float] = None
     ms_median: Optional[float] = None
     ms_min: Optional[float] = None
+    host_ms: Optional[float] = None        # cuda: host time to issue one call (median)
+    host_probe_ms: Optional[float] = None  # a fixed pure-Python loop timed just before
+    os_threads: Optional[int] = None       # the process's OS threads at that moment
     n_timed: int = 0
     peak_mem_mb: Optional[float] = None    # max_memory_allocated over the timed calls
     peak_extra_mb: Optional[float] = None  # the same less what was allocated before them
@@ -558,15 +561,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], Any], repeat: int, device: str) -> List[float]:
+def host_probe() -> Tuple[float, Optional[int]]:
+    """(ms for a fixed pure-Python loop, OS threads of this process): how fast the host runs
+    right now. The H100 machine's host speed moved by 2x between runs and within a run; a
+    host-bound row is only comparable with rows whose probe reads alike."""
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i
+    ms = (time.perf_counter() - t0) * 1e3
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = None
+    return ms, threads
+
+
+def time_calls(fn: Callable[[], Any], repeat: int, device: str,
+               host_ms: Optional[List[float]] = None) -> List[float]:
     """Per-call times in ms: CUDA events around each call on cuda (device time, no host
-    jitter from the synchronize), perf_counter on cpu."""
+    jitter from the synchronize), perf_counter on cpu. On cuda, ``host_ms`` (if given)
+    receives each call's host time: from the call until it returned, kernels still queued.
+    A host time close to the call's time means the host, not the GPU, set the pace."""
     times = []
     for _ in range(repeat):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            if host_ms is not None:
+                host_ms.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -793,7 +818,11 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        times = time_calls(step, s.repeat, device)
+        row.host_probe_ms, row.os_threads = host_probe()
+        host_times: List[float] = []
+        times = time_calls(step, s.repeat, device, host_times)
+        if host_times:
+            row.host_ms = statistics.median(host_times)
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated()
             row.peak_mem_mb = peak / 2**20
@@ -890,6 +919,8 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
         try:
             _measure(case, ref, compiler, policy, row)
             result = f"{row.ms_median:.2f} ms" + (
+                f" (host {row.host_ms:.2f} ms, probe {row.host_probe_ms:.1f} ms, "
+                f"{row.os_threads} threads)" if row.host_ms is not None else "") + (
                 f", compile {row.compile_s:.1f}s" if row.compile_s is not None else "") + (
                 f", {row.sites} sites" if row.sites is not None else "")
         except Exception as exc:   # one compiler failing must not end the run

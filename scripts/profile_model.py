@@ -8,6 +8,9 @@ host time the GPU waited for) and the kernels sorted by GPU time. Written to dia
 where adaattn is slower than stock (issue 6's "SDPA models >= 1.0x").
 """
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import time
 
@@ -53,6 +56,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--policy", default="exact")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also a cProfile of 5 forwards (host time by Python function)")
     args = ap.parse_args()
 
     built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda",
@@ -60,6 +65,7 @@ def main():
     model = built.model.eval()
     a, kw = built.make_inputs()
     a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
+    kw = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
     for name, fn in (("stock", torch.compile(model, dynamic=False)),
                      ("adaattn", torch.compile(model, dynamic=False,
                                                backend=adaattn_compile.backend(policy=args.policy)))):
@@ -76,6 +82,16 @@ def main():
         if name == "adaattn":
             print("  ", adaattn_compile.stats(), flush=True)
         print(kernel_table(step, args.top), flush=True)
+        if args.cprofile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(5):
+                step()
+            prof.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+            print(f"  cProfile of 5 forwards ({name}):\n{buf.getvalue()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """torch.ops.adaattn.attention / adaattn_compile.attention against a float64 reference."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,32 @@ def test_triton_kernel_forced_under_interpreter():
     assert rel_err(out.cpu(), reference_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)) < 1e-3
     entry = adaattn_compile.stats()["direct"]
     assert entry["kernel"] == {"triton": 1}, entry
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_op_kernels_run_with_dynamos_frame_hook_off(requires_grad):
+    """Run eagerly while Dynamo's frame hook is set (a frame Dynamo fell back on runs its
+    callees under the hook), the op's Python kernels must not reach the hook: Dynamo would try
+    to trace them as new frames. A recording hook stands in for Dynamo's."""
+    types = pytest.importorskip("torch._dynamo.types")
+    set_eval_frame = torch._C._dynamo.eval_frame.set_eval_frame
+    package_dir = os.path.dirname(adaattn_compile.__file__)
+    frames = []   # the package's frames the hook saw
+
+    def hook(frame, *rest):
+        if frame.f_code.co_filename.startswith(package_dir):
+            frames.append(frame.f_code.co_name)
+        return types.ConvertFrameReturn()
+
+    q = rand(1, 2, 8, 16).requires_grad_(requires_grad)
+    prior = set_eval_frame(hook)
+    try:
+        out = torch.ops.adaattn.attention.default(q, q, q, None, 0.0, False, None, False,
+                                                  "hook-test", "exact", "reference")[0]
+        if requires_grad:
+            out.sum().backward()
+    finally:
+        set_eval_frame(prior)
+    # the hook ran; what it saw of ours: the hook-off wrapper's own frame (and the autograd
+    # node's backward, which only calls that wrapper), none of the kernels'
+    assert frames and set(frames) <= {"kernel", "backward"}, frames

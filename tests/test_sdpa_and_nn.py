@@ -109,6 +109,68 @@ def test_sdpa_mask_written_in_place_is_not_folded():
     assert not sites[0].causal and sites[0].mask == "bool"
     assert rel_err(out, fn(q, q, q, extra)) < 1e-5
 
+def _hf_padding_keep(padding, lq):
+    """transformers' ``sdpa_mask`` for a bidirectional model with a padding mask, as Dynamo
+    traces it: ``(q_idx >= 0) & padding[b, kv_idx]`` expanded to (B, 1, Lq, Lk)."""
+    b_idx = torch.arange(padding.shape[0])[:, None, None, None]
+    q_idx = torch.arange(lq)[None, None, :, None]
+    kv_idx = torch.arange(padding.shape[1])[None, None, None, :]
+    keep = q_idx.new_ones((), dtype=torch.bool) & (q_idx >= 0)
+    keep = keep & padding.bool()[b_idx, kv_idx]
+    return keep.expand(padding.shape[0], -1, lq, -1)
+
+
+@pytest.mark.parametrize("how", ["and_then_expand", "expand_only", "broadcast_to"])
+def test_sdpa_broadcast_mask_is_read_through_its_input(how):
+    """A mask that is an expand / an ``a & b`` with a constant all-True side is passed to the
+    op as its small input (Inductor would otherwise write the (B, 1, L, L) tensor out)."""
+    padding = torch.ones(B, L, dtype=torch.long)
+    padding[1, 6:] = 0
+
+    def fn(q, k, v, padding):
+        if how == "and_then_expand":
+            keep = _hf_padding_keep(padding, L)
+        elif how == "expand_only":
+            keep = padding.bool()[:, None, None, :].expand(B, 1, L, L)
+        else:
+            keep = torch.broadcast_to(padding.bool()[:, None, None, :], (B, 1, L, L))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    q, k, v = rand(B, H, L, D, seed=1), rand(B, H, L, D, seed=2), rand(B, H, L, D, seed=3)
+    out, sites, _, records = compile_and_run(fn, q, k, v, padding)
+    assert sites[0].mask == "bool" and not sites[0].causal
+    assert any(f"broadcast ({B}, 1, 1, {L}) input" in note for note in sites[0].notes), \
+        sites[0].notes
+    assert rel_err(out, fn(q, k, v, padding)) < 1e-5
+
+
+def test_sdpa_mask_and_of_two_runtime_masks_is_kept_whole():
+    """Neither side of the ``&`` is a constant: nothing narrows."""
+    def fn(q, k, v, a, b):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=a & b)
+    q = rand(B, H, L, D)
+    a, b = torch.rand(B, 1, L, 1) > 0.2, torch.rand(B, 1, 1, L) > 0.2
+    a[..., 0, :] = True
+    b[..., 0] = True
+    out, sites, _, _ = compile_and_run(fn, q, q, q, a, b)
+    assert not any("broadcast" in note for note in sites[0].notes)
+    assert rel_err(out, fn(q, q, q, a, b)) < 1e-5
+
+
+def test_sdpa_mask_side_written_after_the_and_is_not_read_instead():
+    """``keep = ones & pad`` then ``pad`` changed in place: ``keep`` holds the old values, so
+    the op must not read ``pad`` in its place."""
+    def fn(q, k, v, pad):
+        pad = pad.clone()
+        keep = torch.ones((), dtype=torch.bool) & pad
+        pad.fill_(False)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    q = rand(B, H, L, D)
+    pad = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    out, sites, _, _ = compile_and_run(fn, q, q, q, pad)
+    assert not any("broadcast" in note for note in sites[0].notes)
+    assert rel_err(out, fn(q, q, q, pad)) < 1e-5
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_multihead_attention(need_weights):
     torch.manual_seed(0)

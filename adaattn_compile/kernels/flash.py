@@ -45,7 +45,9 @@ single small configuration is used.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import inspect
 import math
 import os
 import warnings
@@ -818,10 +820,59 @@ def _tuned(kind, bd, dtype, device):
     fn = _TUNED.get(key)
     if fn is None:
         cfgs = _configs(kind, key[1], cap, override)
+        extra = {"cache_results": True} if _AUTOTUNE_DISK_CACHE else {}
         fn = triton.autotune(configs=cfgs if tune else cfgs[:1],
-                             key=_KEY + _KEY_EXTRA.get(kind, []))(_KERNELS[kind])
+                             key=_KEY + _KEY_EXTRA.get(kind, []), **extra)(_KERNELS[kind])
+        if type(fn) is _Autotuner:
+            fn.__class__ = _ParallelCompileAutotuner
         _TUNED[key] = fn
     return fn
+
+
+# Autotune choices kept on disk next to the compiled kernels (triton >= 3.3), so that a new
+# process reuses them instead of timing every candidate again: keyed by triton's version, the
+# GPU target, the kernel's source, the tuning key and the candidate list.
+_AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+_Autotuner = triton.runtime.autotuner.Autotuner
+
+
+class _ParallelCompileAutotuner(_Autotuner):
+    """triton's autotuner, compiling every candidate of a new tuning key at once in threads
+    before timing them one by one. About 80% of a Triton compile runs without the GIL (MLIR
+    passes, LLVM, ptxas: measured on triton 3.6 with a counting thread), so N candidates cost
+    about the slowest one's compile instead of their sum: the first call of each kernel
+    specialisation, i.e. part of ``torch.compile``'s first-call time. Nothing changes where
+    the choice comes from triton's disk cache (no timing, so nothing is compiled here)."""
+
+    def prune_configs(self, kwargs):
+        configs = super().prune_configs(kwargs)
+        # descriptor kernels' configs set block shapes in a pre-hook: compiled the usual way
+        self._compile_first = [c for c in configs if c.pre_hook is None]
+        return configs
+
+    def _bench(self, *args, config, **meta):
+        pending, self._compile_first = getattr(self, "_compile_first", None), None
+        if pending and len(pending) > 1:
+            _compile_in_parallel(self.fn, args, meta, pending)
+        return super()._bench(*args, config=config, **meta)
+
+
+def _compile_in_parallel(jit, args, meta, configs):
+    """Compile (``warmup``: no launch) ``jit`` under each config, in threads. Failures are
+    left for the autotuner's own launch of that config to report (it skips a candidate that
+    runs out of resources)."""
+    def compile_one(config):
+        jit.run(*args, **dict(meta, warmup=True, **config.all_kwargs()))
+
+    workers = min(len(configs), os.cpu_count() or 1, 8)
+    if workers < 2:
+        return
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(compile_one, c) for c in configs]:
+                future.exception()   # wait; an error is raised again where the config is timed
+    except Exception:   # pragma: no cover - e.g. no threads: the autotuner compiles serially
+        pass
 
 
 def _precision(dtype):
@@ -945,9 +996,33 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     (every key masked) give out = 0 and lse = -inf, like the math path of
     ``F.scaled_dot_product_attention`` in torch >= 2.5.
     """
+    global _FAST_FWD_ON
+    signature = None
+    if _FAST_FWD_ON:
+        signature = _fwd_signature(q, k, v, attn_mask, is_causal, scale)
+        fast = _FAST_FWD.get(signature)
+        if fast is not None:
+            out = torch.empty(fast.out_shape, device=q.device, dtype=q.dtype)
+            lse = torch.empty(fast.lse_shape, device=q.device, dtype=torch.float32)
+            if attn_mask is None:
+                mask = fast.no_mask
+            else:
+                mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
+            try:
+                with _on_device(q.device):
+                    fast.launch(q, k, v, mask, out, lse)
+                return out, lse
+            except Exception as exc:  # another triton's launcher: the full path from now on
+                _FAST_FWD_ON = False
+                _FAST_FWD.clear()
+                signature = None
+                warnings.warn(f"flash_forward: bound launch failed ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); taking the full launch path from now on")
     reason = supports(q, k, v, attn_mask, 0.0)
     if reason is not None:
         raise ValueError(f"flash_forward: {reason}")
+    if signature is not None and not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        signature = None   # copies below: the launch sees other tensors than the caller's
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -962,8 +1037,12 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
         # is kept short: this runs once per attention call)
         if _use_sm90(q, k, v, sm_scale, bool(is_causal)):
             try:
-                flash_hopper.forward(q, k, v, mask, ms, (has_mask, is_bool, rb, cb),
-                                     bool(is_causal), sm_scale, out, lse)
+                flags = (has_mask, is_bool, rb, cb)
+                flash_hopper.forward(q, k, v, mask, ms, flags, bool(is_causal), sm_scale, out, lse)
+                if signature is not None:
+                    _remember_fast(signature, flash_hopper.bind(
+                        q, k, v, mask, ms, flags, bool(is_causal), sm_scale, out, lse),
+                        out, lse, mask, attn_mask)
                 return out, lse
             except Exception as e:  # a compiler / driver without it: the Triton kernels instead
                 _SM90_FAILED[_sm90_key(q)] = f"{type(e).__name__}: {str(e)[:2000]}"
@@ -994,12 +1073,72 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
                     warnings.warn(f"flash_forward: tensor-descriptor kernel (warp_specialize="
                                   f"{ws_try}) failed to build or launch ({type(e).__name__}: "
                                   f"{str(e)[:200]}); falling back")
-        launch.launch(_tuned("fwd", max(BD, BDV), q.dtype, q.device),
-                      lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
-                      (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *ms,
-                       *out.stride(), *lse.stride(), *tail),
-                      dict(inv_hi=inv_hi, inv_lo=inv_lo, **consts), q.device)
+        fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device)
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        args = (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *ms,
+                *out.stride(), *lse.stride(), *tail)
+        kwargs = dict(inv_hi=inv_hi, inv_lo=inv_lo, **consts)
+        launch.launch(fn, grid, args, kwargs, q.device)
+        if signature is not None:
+            _remember_fast(signature, launch.bind(fn, grid, args, kwargs, q.device),
+                           out, lse, mask, attn_mask)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward's per-call fast path. A call whose signature -- shapes, strides, dtypes, devices,
+# 16-byte alignment of q / k / v and the mask, the mask's layout, causal, scale, the float32
+# matmul precision and the ADAATTN_* switches read above -- was launched directly before takes
+# none of the decisions again: it allocates out / lse and launches the bound kernel. (The
+# checks, the kernel choice and the launch key took ~35 us a call on the 2-core CPU machine,
+# the Python host of the H100 machine being slower still: as much as a small attention call
+# runs on the GPU. The whole op call went from 96 to 66 us there.)
+
+class _FastForward:
+    __slots__ = ("launch", "out_shape", "lse_shape", "mask_bool", "no_mask")
+
+    def __init__(self, bound, out_shape, lse_shape, mask_bool, no_mask):
+        self.launch, self.out_shape, self.lse_shape = bound, out_shape, lse_shape
+        self.mask_bool, self.no_mask = mask_bool, no_mask
+
+
+_FAST_FWD: dict = {}
+_FAST_FWD_LIMIT = 4096   # signatures kept (a dynamic-length model makes one per length)
+_FAST_FWD_ON = not _INTERPRET and launch.enabled()
+_FWD_SWITCHES = ("ADAATTN_FLASH_SM90", "ADAATTN_FLASH_TMA", "ADAATTN_FLASH_WS",
+                 "ADAATTN_FLASH_BIAS_DOT", "ADAATTN_FLASH_AUTOTUNE", "ADAATTN_FLASH_CONFIGS_FWD",
+                 "ADAATTN_FLASH_CONFIGS_FWD_TMA", "ADAATTN_SM90_CAUSAL64",
+                 "ADAATTN_SM90_MIN_GFLOPS",
+                 *(f"ADAATTN_SM90_CONFIG_{d}{kind}" for d in flash_hopper.HEAD_DIMS
+                   for kind in ("", "_none", "_row", "_tile")))
+try:  # os.environ.get encodes the name on every call (~0.8 us each): look the bytes up
+    _ENVIRON = os.environ._data
+    _SWITCH_KEYS = tuple(os.environ.encodekey(name) for name in _FWD_SWITCHES)
+except AttributeError:  # pragma: no cover - another platform's os.environ
+    _ENVIRON, _SWITCH_KEYS = os.environ, _FWD_SWITCHES
+
+
+def _fwd_signature(q, k, v, attn_mask, is_causal, scale):
+    mask = None if attn_mask is None else (
+        attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device,
+        attn_mask.data_ptr() % 16 == 0)
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+            q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0, mask, bool(is_causal),
+            scale, torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None,
+            tuple(map(_ENVIRON.get, _SWITCH_KEYS)))
+
+
+def _remember_fast(signature, bound, out, lse, mask, attn_mask):
+    """Keep the bound launch of a call that just ran (None: not launched directly)."""
+    if bound is None:
+        return
+    if len(_FAST_FWD) >= _FAST_FWD_LIMIT:
+        _FAST_FWD.clear()
+    _FAST_FWD[signature] = _FastForward(
+        bound, tuple(out.shape), tuple(lse.shape),
+        attn_mask is not None and attn_mask.dtype == torch.bool,
+        mask if attn_mask is None else None)
 
 
 def _env_flag(name, default):
@@ -1041,7 +1180,28 @@ def _use_sm90(q, k, v, sm_scale, causal=False):
     cap = _capability(q.device)
     if _sm90_key(q, cap) in _SM90_FAILED:
         return False
+    if _fwd_flops(q, k, causal) < _sm90_min_flops():
+        return False
     return flash_hopper.unsupported(q, k, v, sm_scale, cap, causal) is None
+
+
+def _fwd_flops(q, k, causal):
+    B, Hq, Lq, D = q.shape
+    flops = 4 * B * Hq * Lq * k.shape[2] * D
+    return flops // 2 if causal else flops
+
+
+def _sm90_min_flops():
+    """Calls smaller than this (forward FLOPs) take the Triton kernel: the Gluon kernel's
+    launch (three tensor-map descriptors encoded on the host per call) costs more host time,
+    and a small call's kernel cannot hide it. bert-base, batch 1, L = 4096 (52 GFLOP a call):
+    0.54x stock through the Gluon kernel, 1.17x through the Triton one (2026-11-25, H100, the
+    whole model host-bound). ``ADAATTN_SM90_MIN_GFLOPS`` (default 100) moves the bar."""
+    text = os.environ.get("ADAATTN_SM90_MIN_GFLOPS", "")
+    try:
+        return float(text) * 1e9 if text else 100e9
+    except ValueError:
+        return 100e9
 
 
 def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
@@ -1169,27 +1329,27 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
 
     with _on_device(dev):
         PRE_M = 16 if _INTERPRET else 64
-        # launched through triton: the direct launches (kernels/launch.py) are verified on
-        # the GPU for the forward only so far (2026-11-25); the backward's three kernels
-        # would save ~3x their launch cost per training step once checked there
-        _bwd_preprocess[(triton.cdiv(Lq, PRE_M), B * Hq)](
-            out, grad_out, lse, delta, lse2,
-            *out.stride(), *grad_out.stride(), *lse.stride(),
-            Hq, Lq, Dv, BLOCK_DV=BDV, BLOCK_M=PRE_M)
+        # direct launches after the first of each specialisation (kernels/launch.py): through
+        # triton, the three launches cost ~3 x 100 us of host time per backward
+        launch.launch(_bwd_preprocess, lambda meta: (triton.cdiv(Lq, PRE_M), B * Hq),
+                      (out, grad_out, lse, delta, lse2,
+                       *out.stride(), *grad_out.stride(), *lse.stride(), Hq, Lq, Dv),
+                      dict(BLOCK_DV=BDV, BLOCK_M=PRE_M), dev)
         consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                       MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec)
-        fn = _tuned("dkdv", max(BD, BDV), q.dtype, dev)
-        fn[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
-            *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
-            *dk.stride(), *dv.stride(),
-            Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale,
-            STORE_DS=store_ds, **consts)
-        fn = _tuned("dq", max(BD, BDV), q.dtype, dev)
-        fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
-            q, k, v, mask, grad_out, lse2, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(), *dq.stride(),
-            Hq, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale, **consts)
+        launch.launch(_tuned("dkdv", max(BD, BDV), q.dtype, dev),
+                      lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
+                      (q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
+                       *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
+                       *dk.stride(), *dv.stride(),
+                       Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale),
+                      dict(STORE_DS=store_ds, **consts), dev)
+        launch.launch(_tuned("dq", max(BD, BDV), q.dtype, dev),
+                      lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
+                      (q, k, v, mask, grad_out, lse2, delta, dq,
+                       *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
+                       *dq.stride(), Hq, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale),
+                      consts, dev)
 
     d_mask = None
     if store_ds:

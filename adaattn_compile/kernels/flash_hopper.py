@@ -510,8 +510,11 @@ class _HostDescriptor:
     launch of each specialisation."""
     __slots__ = ("base", "shape", "strides", "padding")
 
-    def __init__(self, t):
-        self.base, self.shape, self.strides, self.padding = t, list(t.shape), tma_strides(t), "zero"
+    def __init__(self, t, shape=None, strides=None):
+        # (shape / strides given: a bound launch's, computed once for its call signature)
+        self.base, self.padding = t, "zero"
+        self.shape = list(t.shape) if shape is None else shape
+        self.strides = tma_strides(t) if strides is None else strides
 
 
 # Compiled kernels by specialisation (the key built in forward), launched without
@@ -527,13 +530,11 @@ def _int_spec(value):
     return (value == 1, value % 16 == 0, -2**31 <= value < 2**31)
 
 
-def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
-    """Launch the sm90 forward. ``mask`` / ``mask_strides`` / ``mask_flags`` come from
-    ``flash._prep_mask`` (``mask_flags = (has_mask, is_bool, row_bcast, col_bcast)``);
-    ``out`` (B, Hq, Lq, D) and ``lse`` (B, Hq, Lq) are written."""
-    global _FAST_LAUNCH
+def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, out, lse):
+    """-> (config, programs, the int arguments, the constexpr values, the launcher key, the
+    device index)."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     has_mask, is_bool, rb, cb = mask_flags
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
     block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
@@ -547,6 +548,18 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
               pregs, cregs)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
            tuple(_int_spec(x) for x in ints))
+    return cfg, programs, ints, consts, key, device
+
+
+def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
+    """Launch the sm90 forward. ``mask`` / ``mask_strides`` / ``mask_flags`` come from
+    ``flash._prep_mask`` (``mask_flags = (has_mask, is_bool, row_bcast, col_bcast)``);
+    ``out`` (B, Hq, Lq, D) and ``lse`` (B, Hq, Lq) are written."""
+    global _FAST_LAUNCH
+    Lq, D = q.shape[2], q.shape[3]
+    Lk = k.shape[2]
+    cfg, programs, ints, consts, key, device = _launch_plan(q, k, mask, mask_strides, mask_flags,
+                                                            is_causal, out, lse)
     kernel = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
     if kernel is not None:
         args = (_HostDescriptor(q), _HostDescriptor(k), _HostDescriptor(v), out, lse, mask,
@@ -562,6 +575,8 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
             _FAST_LAUNCH = False
             warnings.warn(f"flash_hopper: direct launch failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); launching through triton from now on")
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
+    has_mask, is_bool, rb, cb = mask_flags
     kernel = _attn_fwd_sm90[(programs,)](
         _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
         out, lse, mask, *ints, Lq, Lk, sm_scale * _LOG2E,
@@ -571,3 +586,40 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     if _FAST_LAUNCH and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
         _LAUNCHERS[key] = kernel
     return out, lse
+
+
+class BoundForward:
+    """:func:`forward` for one call signature with everything but the tensors fixed (see
+    :func:`bind`): ``bound(q, k, v, mask, out, lse)``."""
+    __slots__ = ("kernel", "programs", "device", "layouts", "tail")
+
+    def __init__(self, kernel, programs, device, layouts, tail):
+        self.kernel, self.programs, self.device = kernel, programs, device
+        self.layouts, self.tail = layouts, tail
+
+    def __call__(self, q, k, v, mask, out, lse):
+        (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v) = self.layouts
+        args = (_HostDescriptor(q, shape_q, strides_q), _HostDescriptor(k, shape_k, strides_k),
+                _HostDescriptor(v, shape_v, strides_v), out, lse, mask, *self.tail)
+        kernel, programs = self.kernel, self.programs
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        enter, leave = launch.hooks()
+        meta = kernel.launch_metadata((programs, 1, 1), stream, *args) if enter else None
+        kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
+                   enter, leave, *args)
+
+
+def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
+    """A :class:`BoundForward` for the specialisation of these arguments once :func:`forward`
+    has launched it directly, else None. The caller keys it on what fixes every non-tensor
+    argument (shapes, strides, dtypes, alignment, mask layout, causal, scale)."""
+    if not _FAST_LAUNCH:
+        return None
+    _, programs, ints, consts, key, device = _launch_plan(q, k, mask, mask_strides, mask_flags,
+                                                          is_causal, out, lse)
+    kernel = _LAUNCHERS.get(key)
+    if kernel is None:
+        return None
+    layouts = tuple((list(t.shape), tma_strides(t)) for t in (q, k, v))
+    tail = (*ints, q.shape[2], k.shape[2], sm_scale * _LOG2E, *consts)
+    return BoundForward(kernel, programs, device, layouts, tail)

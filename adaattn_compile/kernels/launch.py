@@ -12,8 +12,10 @@ and 16-byte alignment, int arguments' ``== 1`` / ``% 16`` / 32-bit facts, conste
 remembers the compiled kernel and the chosen config, and from then on calls the compiled
 launcher itself. Kernels with descriptor arguments or autotune pre-hooks are not handled here
 (their launches do work between binding and launch): call them the usual way. Used by
-``flash.flash_forward``'s Triton forward (checked on the H100 end to end: the outputs match
-stock's); the backward's kernels still launch through Triton.
+``flash.flash_forward``'s Triton forward and ``flash.flash_backward``'s three kernels (checked
+on the H100: ``tests/test_flash_fast_path.py`` runs the direct and bound launches against a
+float64 reference). :func:`bind` hands out a specialisation's :class:`Bound` launch, for callers
+that key it on everything its non-tensor arguments follow from.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "", "false", "
 # triton's launcher API): every launch then goes through triton as before
 _ENABLED = (_knobs is not None and not _INTERPRET
             and os.environ.get("ADAATTN_DIRECT_LAUNCH", "1") not in ("0", "false", "False", "no"))
+
+
+def enabled() -> bool:
+    """Whether direct launches are on (off for the process after the first failure)."""
+    return _ENABLED
 
 
 class _Plan:
@@ -143,6 +150,58 @@ def launch(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[A
                       f"{str(exc)[:200]}); launching through triton from now on")
         return fn[grid](*args, **kwargs)
     return kernel
+
+
+class Bound:
+    """One specialisation's launch with everything but its tensors fixed: the compiled
+    kernel, the grid and the argument list. ``bound(*tensors)`` launches with ``tensors`` in
+    the first positions of the argument list (the positions that were tensors when it was
+    made). For callers that key it on everything the rest of the arguments follow from
+    (shapes, strides, dtypes, alignment, flags): ``flash.flash_forward``'s per-call fast path."""
+    __slots__ = ("kernel", "grid", "values", "device")
+
+    def __init__(self, kernel, grid, values, device):
+        self.kernel, self.grid, self.values, self.device = kernel, grid, values, device
+
+    def __call__(self, *tensors):
+        values = list(self.values)
+        values[:len(tensors)] = tensors
+        kernel, (g0, g1, g2) = self.kernel, self.grid
+        stream = _stream(self.device)
+        enter, leave = hooks()
+        meta = kernel.launch_metadata((g0, g1, g2), stream, *values) if enter else None
+        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta,
+                   enter, leave, *values)
+
+
+def bind(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[Any],
+         kwargs: Dict[str, Any], device: torch.device):
+    """The :class:`Bound` launch of ``fn[grid](*args, **kwargs)`` if :func:`launch` has a plan
+    for its specialisation (it has once it launched it), else None. ``args`` start with the
+    tensors :class:`Bound` will be given; the grid is evaluated here, once: the caller's key
+    must determine it."""
+    if not _ENABLED:
+        return None
+    sig = _SIGNATURES.get(id(fn))
+    if sig is None:
+        return None
+    constexpr, index = sig.constexpr, sig.index
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        key = (id(fn), dev,
+               tuple(a if constexpr[i] else _spec(a) for i, a in enumerate(args)),
+               tuple((n, v if constexpr[index[n]] else _spec(v)) for n, v in kwargs.items()))
+    except TypeError:
+        return None
+    plan = _PLANS.get(key)
+    if plan is None:
+        return None
+    values = list(plan.values)
+    values[:len(args)] = [None if isinstance(a, torch.Tensor) else a for a in args]
+    for n, v in kwargs.items():
+        values[index[n]] = v
+    g = tuple(grid(plan.meta)) + (1, 1)
+    return Bound(plan.kernel, g[:3], tuple(values), dev)
 
 
 def _remember(fn, sig: _Signature, key, kernel, args, kwargs) -> None:

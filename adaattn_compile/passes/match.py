@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import (BINARY, arg, constant_value, describe, is_call, location, meta, same,
-                          same_shape, source_name)
+from .graph_utils import (BINARY, _mutates, arg, constant_value, describe, is_call, location, meta,
+                          same, same_shape, source_name)
 
 Scalar = Union[float, fx.Node]
 
@@ -563,8 +563,65 @@ def _causal_kind(mask: torch.Tensor, lq: int, lk: int, keep_semantics: Optional[
     return None
 
 
+_AND_FUNCTIONS = (operator.and_, torch.logical_and, torch.bitwise_and)
+_AND_METHODS = ("__and__", "logical_and", "bitwise_and")
+_BROADCAST_FUNCTIONS = (torch.broadcast_to,)
+_BROADCAST_METHODS = ("expand", "expand_as", "broadcast_to")
+
+
+def _all_true(node, gm) -> bool:
+    value = constant_value(node, gm)
+    if value is True:
+        return True
+    return (isinstance(value, torch.Tensor) and value.dtype == torch.bool
+            and bool(value.all()))
+
+
+def narrow_mask(node, gm, keep_semantics: bool):
+    """The smallest ancestor of a mask that, broadcast to the mask's shape, equals it, so that
+    the kernel reads it through stride-0 dims instead of a materialised (B, H, Lq, Lk) tensor
+    (Inductor writes the expanded mask out in full before an extern call). Walks back through
+    ``expand`` / ``broadcast_to`` (the input broadcasts to the output by definition) and, for
+    bool keep-masks, through ``a & b`` where one side is a constant that is all True (then
+    ``a & b`` is ``b`` broadcast). HF's ``sdpa_mask`` for a padding mask is
+    ``(q_idx >= 0) & padding[b, kv_idx]`` expanded to (B, 1, Lq, Lk): this leaves the
+    (B, 1, 1, Lk) padding. Returns ``node`` itself where nothing narrows."""
+    def usable(candidate):
+        t = meta(candidate)
+        return (isinstance(candidate, fx.Node) and t is not None
+                and not any(_mutates(user, candidate) for user in candidate.users))
+
+    while isinstance(node, fx.Node):
+        if (is_call(node, _BROADCAST_FUNCTIONS, _BROADCAST_METHODS) and node.args
+                and usable(node.args[0])):
+            node = node.args[0]
+            continue
+        if (keep_semantics and is_call(node, _AND_FUNCTIONS, _AND_METHODS)
+                and len(node.args) == 2 and not node.kwargs):
+            a, b = node.args
+            for const, other in ((a, b), (b, a)):
+                if (usable(other) and meta(other).dtype == torch.bool
+                        and _all_true(const, gm)):
+                    node = other
+                    break
+            else:
+                return node
+            continue
+        return node
+    return node
+
+
+def _narrowed(node, gm, keep_semantics, m: AttentionMatch):
+    narrowed = narrow_mask(node, gm, keep_semantics)
+    if narrowed is not node:
+        m.notes.append(f"mask read as its broadcast {tuple(meta(narrowed).shape)} input "
+                       f"(was {tuple(meta(node).shape)})")
+    return narrowed
+
+
 def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
-    """Drop constant masks that are causal (-> is_causal) or mask nothing."""
+    """Drop constant masks that are causal (-> is_causal) or mask nothing; read the others
+    through their broadcast inputs (:func:`narrow_mask`)."""
     if not (isinstance(lq, int) and isinstance(lk, int)):
         return
     kept_keeps = []
@@ -577,6 +634,7 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
         elif kind == "none":
             m.notes.append("constant mask masks nothing: dropped")
         else:
+            keep.node = _narrowed(keep.node, gm, not keep.invert, m)
             kept_keeps.append(keep)
     m.keeps = kept_keeps
     kept_biases = []
@@ -589,6 +647,8 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
         elif kind == "none":
             m.notes.append("constant zero bias dropped")
         else:
+            if not bias.factors:   # (a scaled bias: the factor applies to the whole)
+                bias.node = _narrowed(bias.node, gm, False, m)
             kept_biases.append(bias)
     m.biases = kept_biases
 
@@ -686,6 +746,8 @@ def match_sdpa(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch:
                 m.sdpa_mask = None
                 m.causal = kind == "causal"
                 m.notes.append("constant mask proven causal" if m.causal else "constant mask masks nothing: dropped")
+    if m.sdpa_mask is not None and meta(m.sdpa_mask) is not None:
+        m.sdpa_mask = _narrowed(m.sdpa_mask, gm, meta(m.sdpa_mask).dtype == torch.bool, m)
     m.pattern = " → ".join(m.pattern_parts)
     return m
 
