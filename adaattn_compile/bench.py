@@ -513,6 +513,8 @@ class Row:
     host_ms: Optional[float] = None        # cuda: host time to issue one call (median)
     host_probe_ms: Optional[float] = None  # a fixed pure-Python loop timed just before
     os_threads: Optional[int] = None       # the process's OS threads at that moment
+    cpu_cores_ours: Optional[float] = None     # CPU cores this process kept busy while timed
+    cpu_cores_machine: Optional[float] = None  # ... and the whole machine (Linux /proc/stat)
     n_timed: int = 0
     peak_mem_mb: Optional[float] = None    # max_memory_allocated over the timed calls
     peak_extra_mb: Optional[float] = None  # the same less what was allocated before them
@@ -561,6 +563,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _fmt_cores(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def host_probe() -> Tuple[float, Optional[int]]:
     """(ms for a fixed pure-Python loop, OS threads of this process): how fast the host runs
     right now. The H100 machine's host speed moved by 2x between runs and within a run; a
@@ -575,6 +581,38 @@ def host_probe() -> Tuple[float, Optional[int]]:
     except OSError:
         threads = None
     return ms, threads
+
+
+class CpuUsage:
+    """CPU cores kept busy, by this process and by the whole machine, from construction to
+    :meth:`cores`: tells a host-bound row slowed by other work on the machine (machine >>
+    ours) from one slowed by its own host code (ours ~ 1 core, the machine idle otherwise)."""
+
+    def __init__(self):
+        self.wall, self.ours, self.machine = time.perf_counter(), time.process_time(), _busy()
+
+    def cores(self) -> Tuple[Optional[float], Optional[float]]:
+        wall = time.perf_counter() - self.wall
+        if wall <= 0:
+            return None, None
+        ours = (time.process_time() - self.ours) / wall
+        machine, before = _busy(), self.machine
+        if machine is None or before is None:
+            return ours, None
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        return ours, (machine - before) / ticks / wall
+
+
+def _busy() -> Optional[int]:
+    """Busy jiffies of all CPUs (user + nice + system + irq + softirq + steal), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0       # already counted in user / nice
+    return sum(fields) - idle - guest
 
 
 def time_calls(fn: Callable[[], Any], repeat: int, device: str,
@@ -820,7 +858,9 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
             before = torch.cuda.memory_allocated()
         row.host_probe_ms, row.os_threads = host_probe()
         host_times: List[float] = []
+        usage = CpuUsage()
         times = time_calls(step, s.repeat, device, host_times)
+        row.cpu_cores_ours, row.cpu_cores_machine = usage.cores()
         if host_times:
             row.host_ms = statistics.median(host_times)
         if device == "cuda":
@@ -920,7 +960,9 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
             _measure(case, ref, compiler, policy, row)
             result = f"{row.ms_median:.2f} ms" + (
                 f" (host {row.host_ms:.2f} ms, probe {row.host_probe_ms:.1f} ms, "
-                f"{row.os_threads} threads)" if row.host_ms is not None else "") + (
+                f"{row.os_threads} threads, CPU cores ours/machine "
+                f"{_fmt_cores(row.cpu_cores_ours)}/{_fmt_cores(row.cpu_cores_machine)})"
+                if row.host_ms is not None else "") + (
                 f", compile {row.compile_s:.1f}s" if row.compile_s is not None else "") + (
                 f", {row.sites} sites" if row.sites is not None else "")
         except Exception as exc:   # one compiler failing must not end the run

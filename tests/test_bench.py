@@ -238,3 +238,20 @@ def test_minilm_real_weights(tmp_path):
     assert ours.tokens == 512 and "capped" in ours.note          # BERT's 512 positions
     assert ours.sites == ours.sites_rewritten == 6
     assert ours.cosine_min is not None and ours.cosine_min >= 0.99999
+
+
+def test_cpu_usage_counts_a_busy_loop():
+    """CpuUsage (recorded with every timed row) sees one core kept busy by this process."""
+    import time
+
+    from adaattn_compile.bench import CpuUsage, host_probe
+    usage = CpuUsage()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        pass
+    ours, machine = usage.cores()
+    assert 0.5 < ours < 1.5
+    if machine is not None:   # Linux: the machine's busy cores include ours
+        assert machine > 0.5 * ours
+    probe_ms, threads = host_probe()
+    assert probe_ms > 0 and (threads is None or threads >= 1)
