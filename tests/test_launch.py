@@ -71,6 +71,20 @@ def test_second_launch_is_direct_with_full_arguments(fake):
     assert not any(isinstance(v, torch.Tensor) for p in launch._PLANS.values() for v in p.values)
 
 
+def test_bound_launch_takes_only_the_tensors(fake):
+    dev = torch.device("cuda", 0)
+    x1, x2 = torch.zeros(8), torch.ones(8)
+    grid = lambda m: (100 // m["BLOCK"], 2)   # noqa: E731
+    assert launch.bind(fake, grid, (x1, 48, 64), {}, dev) is None   # nothing launched yet
+    launch.launch(fake, grid, (x1, 48, 64), {}, dev)
+    bound = launch.bind(fake, grid, (x1, 48, 64), {}, dev)
+    assert not any(isinstance(v, torch.Tensor) for v in bound.values)
+    bound(x2)
+    (g, values), = fake.kernel.runs
+    assert g == (3, 2, 1) and values[0] is x2 and values[1:] == (48, 64, 32, 7)
+    assert launch.bind(fake, grid, (x1, 33, 64), {}, dev) is None   # another specialisation
+
+
 @pytest.mark.parametrize("change", ["int_spec", "constexpr", "dtype", "kwarg"])
 def test_a_new_specialisation_goes_through_triton(fake, change):
     dev = torch.device("cuda", 0)

@@ -565,11 +565,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
         args = (_HostDescriptor(q), _HostDescriptor(k), _HostDescriptor(v), out, lse, mask,
                 *ints, Lq, Lk, sm_scale * _LOG2E, *consts)
         try:
-            stream = torch._C._cuda_getCurrentRawStream(device)
-            enter, leave = launch.hooks()
-            meta = kernel.launch_metadata((programs, 1, 1), stream, *args) if enter else None
-            kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
-                       enter, leave, *args)
+            launch.run_compiled(kernel, (programs, 1, 1), device, args)
             return out, lse
         except Exception as exc:  # another triton's launcher API: the checked path from now on
             _FAST_LAUNCH = False
@@ -601,12 +597,7 @@ class BoundForward:
         (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v) = self.layouts
         args = (_HostDescriptor(q, shape_q, strides_q), _HostDescriptor(k, shape_k, strides_k),
                 _HostDescriptor(v, shape_v, strides_v), out, lse, mask, *self.tail)
-        kernel, programs = self.kernel, self.programs
-        stream = torch._C._cuda_getCurrentRawStream(self.device)
-        enter, leave = launch.hooks()
-        meta = kernel.launch_metadata((programs, 1, 1), stream, *args) if enter else None
-        kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
-                   enter, leave, *args)
+        launch.run_compiled(self.kernel, (self.programs, 1, 1), self.device, args)
 
 
 def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):

@@ -119,37 +119,57 @@ def launch(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[A
     sig = _SIGNATURES.get(id(fn))
     if sig is None:
         sig = _SIGNATURES[id(fn)] = _Signature(fn, _jit_of(fn))
-    constexpr, index = sig.constexpr, sig.index
     dev = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        key = (id(fn), dev,
-               tuple(a if constexpr[i] else _spec(a) for i, a in enumerate(args)),
-               tuple((n, v if constexpr[index[n]] else _spec(v)) for n, v in kwargs.items()))
-    except TypeError:   # an argument kind we do not know how Triton specialises
+    key = _key(fn, sig, dev, args, kwargs)
+    if key is None:   # an argument kind we do not know how Triton specialises
         return fn[grid](*args, **kwargs)
     plan = _PLANS.get(key)
     if plan is None:
         kernel = fn[grid](*args, **kwargs)
         _remember(fn, sig, key, kernel, args, kwargs)
         return kernel
-    values = list(plan.values)
-    values[:len(args)] = args
-    for n, v in kwargs.items():
-        values[index[n]] = v
-    g = tuple(grid(plan.meta)) + (1, 1)
-    kernel = plan.kernel
+    values = _fill(plan, sig, args, kwargs)
     try:
-        stream = _stream(dev)
-        enter, leave = hooks()
-        meta = kernel.launch_metadata(g[:3], stream, *values) if enter else None
-        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, meta,
-                   enter, leave, *values)
+        run_compiled(plan.kernel, tuple(grid(plan.meta)) + (1, 1), dev, values)
     except Exception as exc:
         _ENABLED = False
         warnings.warn(f"adaattn: direct kernel launch failed ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); launching through triton from now on")
         return fn[grid](*args, **kwargs)
-    return kernel
+    return plan.kernel
+
+
+def _key(fn, sig: "_Signature", dev: int, args, kwargs):
+    """The plans' key of a launch (what Triton specialises on), None for an argument kind
+    :func:`_spec` does not know."""
+    constexpr, index = sig.constexpr, sig.index
+    try:
+        return (id(fn), dev,
+                tuple(a if constexpr[i] else _spec(a) for i, a in enumerate(args)),
+                tuple((n, v if constexpr[index[n]] else _spec(v)) for n, v in kwargs.items()))
+    except TypeError:
+        return None
+
+
+def _fill(plan: "_Plan", sig: "_Signature", args, kwargs) -> list:
+    """The plan's full argument list with this launch's arguments in their places."""
+    values = list(plan.values)
+    values[:len(args)] = args
+    for n, v in kwargs.items():
+        values[sig.index[n]] = v
+    return values
+
+
+def run_compiled(kernel, grid: Sequence[int], device_index: int, values: Sequence[Any]) -> None:
+    """Launch a compiled Triton kernel on the current stream of ``device_index`` with its
+    full argument list (what ``JITFunction.run`` ends with), calling triton's launch hooks
+    where any are set. ``grid``: three ints."""
+    g0, g1, g2 = grid[:3]
+    stream = _stream(device_index)
+    enter, leave = hooks()
+    meta = kernel.launch_metadata((g0, g1, g2), stream, *values) if enter else None
+    kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta,
+               enter, leave, *values)
 
 
 class Bound:
@@ -166,12 +186,7 @@ class Bound:
     def __call__(self, *tensors):
         values = list(self.values)
         values[:len(tensors)] = tensors
-        kernel, (g0, g1, g2) = self.kernel, self.grid
-        stream = _stream(self.device)
-        enter, leave = hooks()
-        meta = kernel.launch_metadata((g0, g1, g2), stream, *values) if enter else None
-        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta,
-                   enter, leave, *values)
+        run_compiled(self.kernel, self.grid, self.device, values)
 
 
 def bind(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[Any],
@@ -185,21 +200,12 @@ def bind(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[Any
     sig = _SIGNATURES.get(id(fn))
     if sig is None:
         return None
-    constexpr, index = sig.constexpr, sig.index
     dev = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        key = (id(fn), dev,
-               tuple(a if constexpr[i] else _spec(a) for i, a in enumerate(args)),
-               tuple((n, v if constexpr[index[n]] else _spec(v)) for n, v in kwargs.items()))
-    except TypeError:
-        return None
-    plan = _PLANS.get(key)
+    key = _key(fn, sig, dev, args, kwargs)
+    plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         return None
-    values = list(plan.values)
-    values[:len(args)] = [None if isinstance(a, torch.Tensor) else a for a in args]
-    for n, v in kwargs.items():
-        values[index[n]] = v
+    values = _fill(plan, sig, [None if isinstance(a, torch.Tensor) else a for a in args], kwargs)
     g = tuple(grid(plan.meta)) + (1, 1)
     return Bound(plan.kernel, g[:3], tuple(values), dev)
 
