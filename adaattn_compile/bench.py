@@ -515,6 +515,7 @@ class Row:
     os_threads: Optional[int] = None       # the process's OS threads at that moment
     cpu_cores_ours: Optional[float] = None     # CPU cores this process kept busy while timed
     cpu_cores_machine: Optional[float] = None  # ... and the whole machine (Linux /proc/stat)
+    busy_threads: Optional[str] = None     # this process's threads by CPU share while timed
     n_timed: int = 0
     peak_mem_mb: Optional[float] = None    # max_memory_allocated over the timed calls
     peak_extra_mb: Optional[float] = None  # the same less what was allocated before them
@@ -589,7 +590,25 @@ class CpuUsage:
     ours) from one slowed by its own host code (ours ~ 1 core, the machine idle otherwise)."""
 
     def __init__(self):
+        self.threads = _thread_ticks()
         self.wall, self.ours, self.machine = time.perf_counter(), time.process_time(), _busy()
+
+    def busy_threads(self, least: float = 0.05) -> Optional[str]:
+        """This process's threads that kept at least ``least`` of a core busy since
+        construction, busiest first: ``"MainThread 0.98, pt_autograd_0 0.31"``. A second busy
+        thread next to the main one in a host-bound row means the main thread shares the GIL
+        (or its core) with it."""
+        after = _thread_ticks()
+        wall = time.perf_counter() - self.wall
+        if after is None or self.threads is None or wall <= 0:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        names = {t.native_id: t.name for t in threading.enumerate()
+                 if getattr(t, "native_id", None) is not None}
+        share = sorted(((after[tid][1] - self.threads.get(tid, ("", 0))[1]) / ticks / wall,
+                        names.get(tid, after[tid][0])) for tid in after)
+        return ", ".join(f"{name} {cores:.2f}" for cores, name in reversed(share)
+                         if cores >= least) or "none"
 
     def cores(self) -> Tuple[Optional[float], Optional[float]]:
         wall = time.perf_counter() - self.wall
@@ -601,6 +620,25 @@ class CpuUsage:
             return ours, None
         ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         return ours, (machine - before) / ticks / wall
+
+
+def _thread_ticks() -> Optional[Dict[int, Tuple[str, int]]]:
+    """{thread id: (OS thread name, user + system jiffies)} for this process, or None."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:   # the thread ended meanwhile
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        out[int(tid)] = (name, int(fields[11]) + int(fields[12]))   # utime, stime
+    return out
 
 
 def _busy() -> Optional[int]:
@@ -861,6 +899,7 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
         usage = CpuUsage()
         times = time_calls(step, s.repeat, device, host_times)
         row.cpu_cores_ours, row.cpu_cores_machine = usage.cores()
+        row.busy_threads = usage.busy_threads()
         if host_times:
             row.host_ms = statistics.median(host_times)
         if device == "cuda":
@@ -961,7 +1000,8 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
             result = f"{row.ms_median:.2f} ms" + (
                 f" (host {row.host_ms:.2f} ms, probe {row.host_probe_ms:.1f} ms, "
                 f"{row.os_threads} threads, CPU cores ours/machine "
-                f"{_fmt_cores(row.cpu_cores_ours)}/{_fmt_cores(row.cpu_cores_machine)})"
+                f"{_fmt_cores(row.cpu_cores_ours)}/{_fmt_cores(row.cpu_cores_machine)}, "
+                f"busy threads: {row.busy_threads})"
                 if row.host_ms is not None else "") + (
                 f", compile {row.compile_s:.1f}s" if row.compile_s is not None else "") + (
                 f", {row.sites} sites" if row.sites is not None else "")

@@ -61,7 +61,7 @@ def main():
         for variant in a.variants.split(","):
             kind = {"bias": "row", "mask": "tile"}.get(variant, "none")
             cfg = fh.config(D, kind, variant == "causal")
-            block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
+            block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
             B, H, L = 2, 4, 1024
             q = torch.empty(B, H, L, D, dtype=dt)
             mask = torch.empty(B, 1, 1, L, dtype=dt) if variant == "bias" else (
@@ -75,7 +75,7 @@ def main():
                         Lq=L, Lk=L, qk_scale=0.1, HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg,
                         STAGES=stages, CAUSAL=variant == "causal", HAS_MASK=has_mask,
                         MASK_BOOL=variant == "mask", MASK_RB=variant == "bias", MASK_CB=False,
-                        PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs)
+                        PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf)
             try:
                 k = compile_sm90(fh._attn_fwd_sm90, args)
             except Exception as e:  # print the compiler's complaint and go on

@@ -4,7 +4,7 @@ our Triton-language kernel, in one process on one GPU (bf16, B*L = 16k tokens, H
     python3 scripts/sm90_tune.py [--dims 64,128] [--lengths 2048,4096,8192,16384]
         [--configs128 "128,2,2,1,24,240;128,2,3,1,24,240"] [--json out.json]
 
-A config is BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PRODUCER_REGS,CONSUMER_REGS (see
+A config is BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PRODUCER_REGS,CONSUMER_REGS[,QBUF] (see
 flash_hopper.config), or "default" for the built-in one.
 Every config's output is checked against cuDNN first (relative L2 printed); a config that fails
 to build is reported and skipped.

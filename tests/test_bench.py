@@ -255,3 +255,35 @@ def test_cpu_usage_counts_a_busy_loop():
         assert machine > 0.5 * ours
     probe_ms, threads = host_probe()
     assert probe_ms > 0 and (threads is None or threads >= 1)
+
+
+def test_cpu_usage_names_a_busy_background_thread():
+    """busy_threads names a second thread that burns CPU next to the main one (the sign of a
+    host-bound row sharing the GIL), and leaves an idle thread out."""
+    import threading
+    import time
+
+    from adaattn_compile.bench import CpuUsage
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(1000))
+
+    idle = threading.Thread(target=stop.wait, name="idle-waiter", daemon=True)
+    busy = threading.Thread(target=spin, name="busy-spinner", daemon=True)
+    idle.start()
+    usage = CpuUsage()
+    busy.start()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.4:
+        pass
+    report = usage.busy_threads()
+    stop.set()
+    busy.join()
+    idle.join()
+    if report is None:   # no /proc: nothing to check
+        return
+    names = [part.rsplit(" ", 1)[0] for part in report.split(", ")]
+    assert "busy-spinner" in names and "MainThread" in names, report
+    assert "idle-waiter" not in names, report

@@ -91,13 +91,16 @@ if AVAILABLE:
     def _producer(desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
                   k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-        """Bulk tensor copies, tile after tile: Q once the consumers are done with the last
-        tile's Q, then K_j and V_j into ring slot ``it % STAGES`` as soon as the consumers have
-        released it (``it`` counts K/V tiles over all work tiles, so the ring runs on across
-        them and the next tile's loads overlap this tile's epilogue). Rows past the sequence
-        are zero-filled by the copy engine. Waiting on parity ``phase ^ 1`` lets the first
-        pass through."""
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, QBUF: gl.constexpr):
+        """Bulk tensor copies, tile after tile: Q into Q slot ``done % QBUF`` once the
+        consumers are done with the Q that slot held, then K_j and V_j into ring slot
+        ``it % STAGES`` as soon as the consumers have released it (``it`` counts K/V tiles
+        over all work tiles, so the ring runs on across them and the next tile's loads overlap
+        this tile's epilogue). With two Q slots (persistent launches) the next tile's Q is
+        fetched while this tile still runs, a few K/V tiles before its end: with one, the
+        consumers waited for it from memory at every tile start (a 32 KB copy from HBM, about
+        an iteration of the loop). Rows past the sequence are zero-filled by the copy engine.
+        Waiting on parity ``phase ^ 1`` lets the first pass through."""
         q_bytes: gl.constexpr = BLOCK_M * HEAD_D * desc_q.dtype.primitive_bitwidth // 8
         kv_bytes: gl.constexpr = BLOCK_N * HEAD_D * desc_k.dtype.primitive_bitwidth // 8
         it = 0
@@ -107,12 +110,13 @@ if AVAILABLE:
                                                             BLOCK_N, CAUSAL)
             off_hk = off_h // GROUP
             # Q in 64-row boxes (one per consumer warpgroup; box sides must be powers of two)
-            mbarrier.wait(q_empty, (done & 1) ^ 1)
-            mbarrier.expect(q_full, q_bytes)
+            qs = done % QBUF
+            mbarrier.wait(q_empty.index(qs), ((done // QBUF) & 1) ^ 1)
+            mbarrier.expect(q_full.index(qs), q_bytes)
             for w in gl.static_range(BLOCK_M // 64):
-                tma.async_copy_global_to_shared(desc_q, [off_b, off_h, start_m + w * 64, 0],
-                                                q_full,
-                                                q_smem.index(w).reshape([1, 1, 64, HEAD_D]))
+                tma.async_copy_global_to_shared(
+                    desc_q, [off_b, off_h, start_m + w * 64, 0], q_full.index(qs),
+                    q_smem.index(qs * (BLOCK_M // 64) + w).reshape([1, 1, 64, HEAD_D]))
             for j in range(n_blocks):
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
@@ -227,7 +231,7 @@ if AVAILABLE:
                   WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
-                  MASK_CB: gl.constexpr, PINGPONG: gl.constexpr):
+                  MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr):
         """One warpgroup: rows WG*64 .. WG*64+63 of each work tile's query block."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = 64 * NUM_WG
@@ -237,7 +241,6 @@ if AVAILABLE:
                                                         instr_shape=[16, HEAD_D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
-        q = q_smem.index(WG)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, mma)
         it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
         done = 0   # work tiles finished (Q phase)
@@ -247,7 +250,9 @@ if AVAILABLE:
             offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
             mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
             acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
-            mbarrier.wait(q_full, done & 1)
+            qs = done % QBUF
+            q = q_smem.index(qs * NUM_WG + WG)
+            mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
 
             # K/V tile 0: S_0 only (its P.V is issued together with S_1)
             slot = it % STAGES
@@ -289,7 +294,7 @@ if AVAILABLE:
                     stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, True, HAS_MASK,
                     MASK_BOOL, MASK_RB, MASK_CB, PINGPONG, mma, mma_o, p_layout)
             # every S of this tile is done: the producer may bring the next tile's Q
-            mbarrier.arrive(q_empty)
+            mbarrier.arrive(q_empty.index(qs))
 
             mbarrier.wait(v_full.index(prev), prev_phase)
             acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
@@ -325,25 +330,27 @@ if AVAILABLE:
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
                        MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr, MASK_CB: gl.constexpr,
                        PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr):
+                       CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr):
         """Program p does work tiles p, p + P, p + 2P, ... (P programs: one per tile, or one
         per SM for the persistent launch; see forward)."""
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         dtype: gl.constexpr = desc_q.dtype
         smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 64, HEAD_D], smem)  # 2^k shapes only
+        # Q slots x warpgroups 64-row slabs (64-row boxes: tensor shapes are powers of two)
+        q_smem = gl.allocate_shared_memory(dtype, [QBUF * NUM_WG, 64, HEAD_D], smem)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
         bar: gl.constexpr = mbarrier.MBarrierLayout()
-        q_full = gl.allocate_shared_memory(gl.int64, [1], bar)
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], bar)
+        q_full = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
+        q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar)
         turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], bar)
-        mbarrier.init(q_full, count=1)
-        mbarrier.init(q_empty, count=NUM_WG)  # every consumer warpgroup releases Q
+        for i in gl.static_range(QBUF):
+            mbarrier.init(q_full.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=NUM_WG)  # every consumer warpgroup releases Q
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
             mbarrier.init(v_full.index(i), count=1)
@@ -363,16 +370,16 @@ if AVAILABLE:
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
                              k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
                 (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
                              k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
-                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL, QBUF)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -381,29 +388,29 @@ if AVAILABLE:
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
                              k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
                              k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              2, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
                 (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
                              k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
-                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL)),
+                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL, QBUF)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-# (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS) per head dim,
+# (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS, QBUF) per head dim,
 # mask kind ("none"; "row": a mask broadcast over queries or keys, a vector per tile; "tile": a
 # full (.., Lq, Lk) mask, whose tile takes registers: 64-key tiles keep it from spilling) and
 # causality.
@@ -414,6 +421,8 @@ if AVAILABLE:
 #   its tiles differ in work, and the hardware's dynamic scheduling of one program per tile
 #   balanced them better than a static round robin (run 3 of 2026-11-25: 400 vs 470 TFLOP/s
 #   at L = 2k, D = 128).
+# * QBUF: Q slots; two for persistent launches, so that the next tile's Q arrives while this
+#   tile runs (one program per tile has a single tile: one slot).
 # * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
 #   checked for spills with scripts/sm90_offline_compile.py.
 _BASE = {
@@ -424,7 +433,7 @@ _BASE = {
     (128, "row"): (128, 2, 2, True, 24, 240),
     (128, "tile"): (64, 2, 3, True, 24, 240),
 }
-_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, not causal, pr, cr)
+_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, not causal, pr, cr, 1 if causal else 2)
             for (d, kind), (bn, wg, st, pp, pr, cr) in _BASE.items() for causal in (False, True)}
 HEAD_DIMS = (64, 128)
 
@@ -437,13 +446,15 @@ def mask_kind(has_mask, row_bcast, col_bcast):
 
 def config(head_d, kind, causal):
     """The launch config; ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,
-    PERSISTENT,PREGS,CREGS"`` replaces it (tuning runs)."""
+    PERSISTENT,PREGS,CREGS[,QBUF]"`` replaces it (tuning runs; QBUF defaults to 2 for a
+    persistent launch, else 1)."""
     txt = (os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}_{kind}")
            or os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}", "")).strip()
     if not txt:
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
-    return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6])
+    qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
+    return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6], qbuf)
 
 
 @functools.lru_cache(maxsize=None)
@@ -537,7 +548,7 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, out, lse):
     Hkv = k.shape[1]
     has_mask, is_bool, rb, cb = mask_flags
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
-    block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
     n_m = -(-Lq // (64 * num_wg))
     tiles = n_m * B * Hq
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -545,7 +556,7 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, out, lse):
     ints = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             *mask_strides, n_m, B * Hq, Hq, Hq // Hkv)
     consts = (D, block_n, num_wg, stages, bool(is_causal), has_mask, is_bool, rb, cb, pingpong,
-              pregs, cregs)
+              pregs, cregs, qbuf)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
            tuple(_int_spec(x) for x in ints))
     return cfg, programs, ints, consts, key, device
@@ -571,14 +582,14 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
             _FAST_LAUNCH = False
             warnings.warn(f"flash_hopper: direct launch failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); launching through triton from now on")
-    block_n, num_wg, stages, pingpong, persistent, pregs, cregs = cfg
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
     has_mask, is_bool, rb, cb = mask_flags
     kernel = _attn_fwd_sm90[(programs,)](
         _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
         out, lse, mask, *ints, Lq, Lk, sm_scale * _LOG2E,
         HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg, STAGES=stages, CAUSAL=bool(is_causal),
         HAS_MASK=has_mask, MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PINGPONG=pingpong,
-        PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, num_warps=4)
+        PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf, num_warps=4)
     if _FAST_LAUNCH and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
         _LAUNCHERS[key] = kernel
     return out, lse
