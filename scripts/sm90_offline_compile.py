@@ -52,30 +52,36 @@ def resources(kernel):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--variants", default="plain,causal,bias,mask")
+    ap.add_argument("--variants", default="plain,causal,bias,bias_alu,mask")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dump", default="", help="folder for ttgir/ptx of each variant")
     a = ap.parse_args()
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     for D in [int(x) for x in a.dims.split(",")]:
         for variant in a.variants.split(","):
-            kind = {"bias": "row", "mask": "tile"}.get(variant, "none")
+            kind = {"bias": "row", "bias_alu": "row", "mask": "tile"}.get(variant, "none")
+            bias_tc = variant == "bias"   # bias_alu: the row bias added in registers
             cfg = fh.config(D, kind, variant == "causal")
             block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
             B, H, L = 2, 4, 1024
             q = torch.empty(B, H, L, D, dtype=dt)
-            mask = torch.empty(B, 1, 1, L, dtype=dt) if variant == "bias" else (
+            mask = torch.empty(B, 1, 1, L, dtype=dt) if kind == "row" else (
                 torch.empty(B, H, L, L, dtype=torch.uint8) if variant == "mask" else
                 torch.empty(1, dtype=torch.float32))
-            has_mask = variant in ("bias", "mask")
+            has_mask = kind != "none"
             args = dict(desc_q=fh._descriptor(q, 64, D), desc_k=fh._descriptor(q, block_n, D),
-                        desc_v=fh._descriptor(q, block_n, D), Out=q, LSE=torch.empty(B, H, L),
+                        desc_v=fh._descriptor(q, block_n, D),
+                        desc_kb=fh._descriptor(torch.empty(B, 1, L, 16, dtype=dt), block_n, 16)
+                        if bias_tc else None, Out=q, LSE=torch.empty(B, H, L),
                         Mask=mask, stride_ob=1, stride_oh=1, stride_om=1, stride_lb=1, stride_lh=1,
-                        stride_mb=1, stride_mh=1, stride_mm=1, stride_mn=1, n_m=8, BH=B * H, Hq=H, GROUP=1,
+                        stride_mb=1, stride_mh=1, stride_mm=1, stride_mn=1, n_m=8,
+                        n_units=B * H * 8, Hq=H, GROUP=1, kb_nb=B, kb_nh=1, bias_hi=8.0,
+                        bias_lo=0.0,
                         Lq=L, Lk=L, qk_scale=0.1, HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg,
                         STAGES=stages, CAUSAL=variant == "causal", HAS_MASK=has_mask,
-                        MASK_BOOL=variant == "mask", MASK_RB=variant == "bias", MASK_CB=False,
-                        PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf)
+                        MASK_BOOL=variant == "mask", MASK_RB=kind == "row", MASK_CB=False,
+                        PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
+                        PAIRED=variant == "causal" and persistent, BIAS_TC=bias_tc)
             try:
                 k = compile_sm90(fh._attn_fwd_sm90, args)
             except Exception as e:  # print the compiler's complaint and go on

@@ -5,7 +5,8 @@ our Triton-language kernel, in one process on one GPU (bf16, B*L = 16k tokens, H
         [--configs128 "128,2,2,1,24,240;128,2,3,1,24,240"] [--json out.json]
 
 A config is BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PRODUCER_REGS,CONSUMER_REGS[,QBUF] (see
-flash_hopper.config), or "default" for the built-in one.
+flash_hopper.config), or "default" for the built-in one; "+NAME=VALUE" suffixes set environment
+switches for that candidate only ("default+ADAATTN_SM90_BIAS_TC=0").
 Every config's output is checked against cuDNN first (relative L2 printed); a config that fails
 to build is reported and skipped.
 """
@@ -95,7 +96,11 @@ def main():
                                                                  is_causal=causal),
                                      {"ADAATTN_FLASH_SM90": "0"})
                 for cfg in configs:
-                    env = {} if cfg == "default" else {f"ADAATTN_SM90_CONFIG_{D}": cfg}
+                    base, *switches = cfg.split("+")
+                    env = {} if base == "default" else {f"ADAATTN_SM90_CONFIG_{D}": base}
+                    env.update(sw.split("=", 1) for sw in switches)
+                    if causal and D == 64:   # routed to the Triton kernel unless asked
+                        env["ADAATTN_SM90_CAUSAL64"] = "1"
                     fns[f"sm90[{cfg}]"] = (lambda: flash.flash_forward(
                         q, k, v, attn_mask=bias, is_causal=causal), env)
                 times = {}

@@ -36,6 +36,13 @@ def _mask(kind, B, H, Lq, Lk, dtype):
         m = torch.randn(B, 1, 1, Lk, device="cuda", dtype=dtype) * 0.5
         m[-1, ..., max(1, Lk - Lk // 3):] = float("-inf")
         return m
+    if kind == "pad-bool":  # key padding as a bool row; the last batch has no key at all
+        m = torch.rand(B, 1, 1, Lk, device="cuda") > 0.3
+        m[-1] = False
+        return m
+    if kind == "head-bias":  # a row bias per head (ALiBi-like slopes times key position)
+        slopes = torch.rand(1, H, 1, 1, device="cuda") * 0.02
+        return (-slopes * torch.arange(Lk, device="cuda")).to(dtype)
     if kind == "bias-fp32":  # T5/ALiBi-style per-head bias, fp32, broadcast over batch
         return torch.randn(1, H, Lq, Lk, device="cuda", dtype=torch.float32)
     if kind == "bool":  # random bool mask with fully masked rows
@@ -72,6 +79,11 @@ CASES = [
     (2, 8, 8, 2048, 2048, 128, True, None, "blhd"),
     (2, 16, 4, 1500, 1500, 64, False, "pad-bias", "bhld"),
     (2, 8, 8, 1100, 1100, 128, False, "bool", "bhld"),
+    # row masks added on the tensor cores (BIAS_TC): bool rows, per-head rows, GQA, causal
+    (3, 4, 4, 300, 300, 64, False, "pad-bool", "bhld"),
+    (2, 4, 4, 1000, 1000, 128, True, "pad-bool", "blhd"),
+    (1, 6, 2, 257, 513, 128, True, "head-bias", "blhd"),
+    (2, 8, 8, 1100, 1100, 64, True, "head-bias", "bhld"),
 ]
 
 
@@ -115,6 +127,28 @@ def test_sm90_forward_matches_float64(case, dtype):
 
 @pytest.mark.gpu
 @sm90
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("scale", [None, 0.3, 0.05])
+def test_sm90_row_bias_on_tensor_cores_and_in_registers(D, scale, monkeypatch):
+    """A (B, 1, 1, Lk) bias in q's dtype is added by the tensor cores (1/scale split in two
+    bf16 terms: 0.3 needs both), and in registers with ADAATTN_SM90_BIAS_TC=0: both agree
+    with float64, -inf keys included."""
+    torch.manual_seed(D)
+    B, H, L = 2, 4, 700
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = _mask("pad-bias", B, H, L, L, torch.bfloat16) * 4
+    ref, _ = _reference(q, k, v, bias, False, scale or 1 / math.sqrt(D))
+    outs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("ADAATTN_SM90_BIAS_TC", switch)
+        out, _ = flash.flash_forward(q, k, v, attn_mask=bias, scale=scale)
+        assert _rel(out, ref) < 2e-2
+        outs.append(out)
+    assert _rel(outs[0], outs[1]) < 2e-2
+
+
+@pytest.mark.gpu
+@sm90
 def test_sm90_scale_and_repeatability():
     q, k, v = (torch.randn(2, 4, 700, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for scale in (0.02, 0.3):
@@ -142,3 +176,61 @@ def test_unsupported_reasons():
         assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True)
         g128 = torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)
         assert flash_hopper.unsupported(g128, g128, g128, 0.1, cap, causal=True) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_bias_tile_layout(dtype, rows):
+    """The (B|1, H|1, Lk, 16) tile BIAS_TC reads next to K: the bias of key j in column 0 (and
+    1), zeros elsewhere; broadcast dims stay size 1; a bool row becomes 0 / -inf."""
+    B, H, Lq, Lk = 3, 4, 5, 37
+    bias = torch.randn(B, 1, 1, Lk, dtype=dtype)
+    m, ms, *flags = flash._prep_mask(bias, (B, H, Lq, Lk), torch.device("cpu"))
+    tile = flash_hopper._bias_tile(m, (B, H, Lq, Lk), ms, False, dtype, rows)
+    assert tile.shape == (B, 1, Lk, 16) and tile.dtype == dtype and tile.is_contiguous()
+    assert torch.equal(tile[..., 0], bias[:, :, 0, :])
+    assert torch.equal(tile[..., 1], bias[:, :, 0, :] if rows == 2 else torch.zeros_like(
+        tile[..., 1]))
+    assert not tile[..., 2:].any()
+
+    keep = torch.rand(1, H, 1, Lk) > 0.5
+    m, ms, *flags = flash._prep_mask(keep, (B, H, Lq, Lk), torch.device("cpu"))
+    tile = flash_hopper._bias_tile(m, (B, H, Lq, Lk), ms, True, dtype, rows)
+    assert tile.shape == (1, H, Lk, 16)
+    expect = torch.where(keep[:, :, 0, :], 0.0, float("-inf")).to(dtype)
+    assert torch.equal(tile[..., 0], expect)
+    # the bound launch passes the caller's mask (bool as its uint8 view), not the expanded one
+    again = flash_hopper._bias_tile(keep.view(torch.uint8), (B, H, Lq, Lk), ms, True, dtype,
+                                    rows)
+    assert torch.equal(again, tile)
+
+
+def test_bias_on_tensor_cores_only_for_rows_in_q_dtype(monkeypatch):
+    """BIAS_TC takes (B|1, H|1, 1, Lk) rows, additive in q's dtype or bool; full tiles, column
+    broadcasts and wider biases stay on the register path; the switch turns it off."""
+    shape = (2, 4, 8, 16)
+    q = torch.empty(2, 4, 8, 64, dtype=torch.bfloat16)
+
+    def decide(mask, scale=0.125):
+        m, ms, *flags = flash._prep_mask(mask, shape, torch.device("cpu"))
+        return flash_hopper._bias_tc(q, m, flags, scale)
+
+    assert decide(torch.zeros(2, 1, 1, 16, dtype=torch.bfloat16))
+    assert decide(torch.ones(1, 4, 1, 16, dtype=torch.bool))
+    assert not decide(torch.zeros(2, 1, 1, 16, dtype=torch.float32))   # rounding: no
+    assert not decide(torch.zeros(2, 4, 8, 16, dtype=torch.bfloat16))  # a full tile
+    assert not decide(torch.zeros(2, 1, 8, 1, dtype=torch.bfloat16))   # a column broadcast
+    assert not decide(None)
+    monkeypatch.setenv("ADAATTN_SM90_BIAS_TC", "0")
+    assert not decide(torch.zeros(2, 1, 1, 16, dtype=torch.bfloat16))
+
+
+def test_config_override_and_q_slots(monkeypatch):
+    """ADAATTN_SM90_CONFIG_<D> replaces the launch config; Q slots default to two for a
+    persistent launch and one otherwise, or follow an eighth field."""
+    assert flash_hopper.config(128, "none", False)[4] is True
+    assert flash_hopper.config(128, "none", True)[7] == 2
+    monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,0,24,240")
+    assert flash_hopper.config(128, "none", True) == (64, 2, 3, True, False, 24, 240, 1)
+    monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,1")
+    assert flash_hopper.config(128, "row", False)[7] == 1

@@ -1107,7 +1107,7 @@ _FAST_FWD_LIMIT = 4096   # signatures kept (a dynamic-length model makes one per
 _FAST_FWD_ON = not _INTERPRET and launch.enabled()
 _FWD_SWITCHES = ("ADAATTN_FLASH_SM90", "ADAATTN_FLASH_TMA", "ADAATTN_FLASH_WS",
                  "ADAATTN_FLASH_BIAS_DOT", "ADAATTN_FLASH_AUTOTUNE", "ADAATTN_FLASH_CONFIGS_FWD",
-                 "ADAATTN_FLASH_CONFIGS_FWD_TMA", "ADAATTN_SM90_CAUSAL64",
+                 "ADAATTN_FLASH_CONFIGS_FWD_TMA", "ADAATTN_SM90_CAUSAL64", "ADAATTN_SM90_BIAS_TC",
                  "ADAATTN_SM90_MIN_GFLOPS",
                  *(f"ADAATTN_SM90_CONFIG_{d}{kind}" for d in flash_hopper.HEAD_DIMS
                    for kind in ("", "_none", "_row", "_tile")))
@@ -1149,15 +1149,8 @@ def _env_flag(name, default):
 
 
 def _inv_split(sm_scale, dtype):
-    """1 / sm_scale as hi + lo, both representable in ``dtype`` and >= 0 (hi rounded down), for
-    the tensor-core bias add. Returns (hi, lo, rows used)."""
-    inv = 1.0 / sm_scale
-    hi_t = torch.tensor([inv], dtype=torch.float64).to(dtype)
-    if float(hi_t) > inv:  # step down one ulp (positive values: integer view minus one)
-        hi_t = (hi_t.view(torch.int16) - 1).view(dtype)
-    hi = float(hi_t)
-    lo = float(torch.tensor([inv - hi], dtype=torch.float64).to(dtype))
-    return hi, lo, (2 if lo > 0 else 1)
+    """1 / sm_scale as hi + lo in ``dtype`` (see :func:`.flash_hopper.inv_scale_split`)."""
+    return flash_hopper.inv_scale_split(float(sm_scale), dtype)
 
 
 _TMA_FAILED: dict = {}

@@ -67,17 +67,35 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if AVAILABLE:
 
     @gluon.jit
-    def _tile(tile, n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              CAUSAL: gl.constexpr):
-        """Work tile -> (batch, head, first query row, key tiles to visit, how many of them
-        need no element mask). A head's query blocks are consecutive tiles, so that the
-        programs running at the same time share its K / V in L2 (ordering the tiles by work
-        across heads instead measured far slower: every program then streams its own K / V
-        from memory). Causal: a head's heaviest query block first."""
-        bh = tile // n_m
-        pid_m = tile % n_m
-        if CAUSAL:
-            pid_m = n_m - 1 - pid_m
+    def _unit_tiles(unit, n_m, PAIRED: gl.constexpr):
+        """Query blocks in work unit ``unit``: one, or (PAIRED) a head's block r with block
+        n_m - 1 - r, so that every unit of a causal launch carries the same work (n_m + 1 key
+        tiles) and a static round robin over the SMs stays balanced; the middle block of an
+        odd n_m is a unit on its own."""
+        if PAIRED:
+            r = unit % ((n_m + 1) // 2)
+            return 2 - (n_m - 1 - r == r).to(gl.int32)
+        else:
+            return 1
+
+    @gluon.jit
+    def _tile(unit, sub, n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr, PAIRED: gl.constexpr):
+        """Query block ``sub`` of work unit ``unit`` -> (batch, head, first query row, key
+        tiles to visit, how many of them need no element mask). A head's query blocks are
+        consecutive units, so that the programs running at the same time share its K / V in
+        L2 (ordering the tiles by work across heads instead measured far slower: every
+        program then streams its own K / V from memory). Causal: the heavier block first."""
+        if PAIRED:
+            n_pairs = (n_m + 1) // 2
+            bh = unit // n_pairs
+            r = unit % n_pairs
+            pid_m = r + (n_m - 1 - 2 * r) * (1 - sub)   # sub 0: n_m - 1 - r; sub 1: r
+        else:
+            bh = unit // n_m
+            pid_m = unit % n_m
+            if CAUSAL:
+                pid_m = n_m - 1 - pid_m
         start_m = pid_m * BLOCK_M
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, Lk)
@@ -88,10 +106,11 @@ if AVAILABLE:
         return bh // Hq, bh % Hq, start_m, gl.cdiv(hi, BLOCK_N), n_full
 
     @gluon.jit
-    def _producer(desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                  k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, QBUF: gl.constexpr):
+    def _producer(desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs, q_full,
+                  q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq, GROUP, Lk,
+                  kb_nb, kb_nh, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  QBUF: gl.constexpr, PAIRED: gl.constexpr, BIAS_TC: gl.constexpr):
         """Bulk tensor copies, tile after tile: Q into Q slot ``done % QBUF`` once the
         consumers are done with the Q that slot held, then K_j and V_j into ring slot
         ``it % STAGES`` as soon as the consumers have released it (``it`` counts K/V tiles
@@ -99,51 +118,61 @@ if AVAILABLE:
         this tile's epilogue). With two Q slots (persistent launches) the next tile's Q is
         fetched while this tile still runs, a few K/V tiles before its end: with one, the
         consumers waited for it from memory at every tile start (a 32 KB copy from HBM, about
-        an iteration of the loop). Rows past the sequence are zero-filled by the copy engine.
+        an iteration of the loop). BIAS_TC: the bias tile of K_j (see _bias_operand) rides on
+        K_j's barrier. Rows past the sequence are zero-filled by the copy engine.
         Waiting on parity ``phase ^ 1`` lets the first pass through."""
         q_bytes: gl.constexpr = BLOCK_M * HEAD_D * desc_q.dtype.primitive_bitwidth // 8
         kv_bytes: gl.constexpr = BLOCK_N * HEAD_D * desc_k.dtype.primitive_bitwidth // 8
+        kb_bytes: gl.constexpr = BLOCK_N * 16 * desc_k.dtype.primitive_bitwidth // 8
         it = 0
         done = 0
-        for tile in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
-            off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
-                                                            BLOCK_N, CAUSAL)
-            off_hk = off_h // GROUP
-            # Q in 64-row boxes (one per consumer warpgroup; box sides must be powers of two)
-            qs = done % QBUF
-            mbarrier.wait(q_empty.index(qs), ((done // QBUF) & 1) ^ 1)
-            mbarrier.expect(q_full.index(qs), q_bytes)
-            for w in gl.static_range(BLOCK_M // 64):
-                tma.async_copy_global_to_shared(
-                    desc_q, [off_b, off_h, start_m + w * 64, 0], q_full.index(qs),
-                    q_smem.index(qs * (BLOCK_M // 64) + w).reshape([1, 1, 64, HEAD_D]))
-            for j in range(n_blocks):
-                slot = it % STAGES
-                phase = (it // STAGES) & 1
-                mbarrier.wait(k_empty.index(slot), phase ^ 1)
-                mbarrier.expect(k_full.index(slot), kv_bytes)
-                tma.async_copy_global_to_shared(desc_k, [off_b, off_hk, j * BLOCK_N, 0],
-                                                k_full.index(slot),
-                                                k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
-                mbarrier.wait(v_empty.index(slot), phase ^ 1)
-                mbarrier.expect(v_full.index(slot), kv_bytes)
-                tma.async_copy_global_to_shared(desc_v, [off_b, off_hk, j * BLOCK_N, 0],
-                                                v_full.index(slot),
-                                                v_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
-                it += 1
-            done += 1
+        for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            for sub in range(_unit_tiles(unit, n_m, PAIRED)):
+                off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
+                                                                BLOCK_N, CAUSAL, PAIRED)
+                off_hk = off_h // GROUP
+                # Q in 64-row boxes (one per consumer warpgroup; box sides must be powers of two)
+                qs = done % QBUF
+                mbarrier.wait(q_empty.index(qs), ((done // QBUF) & 1) ^ 1)
+                mbarrier.expect(q_full.index(qs), q_bytes)
+                for w in gl.static_range(BLOCK_M // 64):
+                    tma.async_copy_global_to_shared(
+                        desc_q, [off_b, off_h, start_m + w * 64, 0], q_full.index(qs),
+                        q_smem.index(qs * (BLOCK_M // 64) + w).reshape([1, 1, 64, HEAD_D]))
+                for j in range(n_blocks):
+                    slot = it % STAGES
+                    phase = (it // STAGES) & 1
+                    mbarrier.wait(k_empty.index(slot), phase ^ 1)
+                    if BIAS_TC:
+                        mbarrier.expect(k_full.index(slot), kv_bytes + kb_bytes)
+                        tma.async_copy_global_to_shared(
+                            desc_kb, [off_b % kb_nb, off_h % kb_nh, j * BLOCK_N, 0],
+                            k_full.index(slot), kb_bufs.index(slot).reshape([1, 1, BLOCK_N, 16]))
+                    else:
+                        mbarrier.expect(k_full.index(slot), kv_bytes)
+                    tma.async_copy_global_to_shared(
+                        desc_k, [off_b, off_hk, j * BLOCK_N, 0], k_full.index(slot),
+                        k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
+                    mbarrier.wait(v_empty.index(slot), phase ^ 1)
+                    mbarrier.expect(v_full.index(slot), kv_bytes)
+                    tma.async_copy_global_to_shared(
+                        desc_v, [off_b, off_hk, j * BLOCK_N, 0], v_full.index(slot),
+                        v_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
+                    it += 1
+                done += 1
 
     @gluon.jit
     def _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
                       BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
                       HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
-                      MASK_CB: gl.constexpr, layout: gl.constexpr):
+                      MASK_CB: gl.constexpr, BIAS_TC: gl.constexpr, layout: gl.constexpr):
         """Online-softmax step for score tile j: returns (p, m_new, m_use) with the running
         max in log2 units. Element masking (causal diagonal, keys past Lk) only on the tiles
-        that need it (MASKED). Without a user mask the scale is applied inside the exp2
-        argument (one FMA an element: needs qk_scale > 0, which the host checks)."""
+        that need it (MASKED). Without a user mask, or with one the tensor cores already
+        added (BIAS_TC), the scale is applied inside the exp2 argument (one FMA an element:
+        needs qk_scale > 0, which the host checks)."""
         offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, layout))
-        if HAS_MASK:
+        if HAS_MASK and not BIAS_TC:
             # Loaded in compact layouts, then moved into the accumulator's layout (a small
             # shared-memory shuffle): loading straight into it would hold a 64-bit address per
             # element, registers the loop has not got.
@@ -178,9 +207,13 @@ if AVAILABLE:
             if CAUSAL:
                 ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
             s = gl.where(ok, s, float("-inf"))
-        if HAS_MASK:
-            m_new = gl.maximum(m_i, gl.max(s, 1))
+        if BIAS_TC:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             # a row whose keys are all masked so far: keep exp2's argument finite (0, not nan)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        elif HAS_MASK:
+            m_new = gl.maximum(m_i, gl.max(s, 1))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
             p = gl.exp2(s - gl.expand_dims(m_use, 1))
         else:
@@ -190,21 +223,44 @@ if AVAILABLE:
         return p, m_new, m_use
 
     @gluon.jit
-    def _step(q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i, l_i,
-              p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm, stride_mn,
-              Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
-              HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
-              MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, mma: gl.constexpr,
-              mma_o: gl.constexpr, p_layout: gl.constexpr):
+    def _bias_operand(bias_hi, bias_lo, dtype: gl.constexpr, layout: gl.constexpr):
+        """BIAS_TC: the (64, 16) register operand [1/scale as hi + lo, 0, ...] whose product
+        with the (16, BLOCK_N) bias tile [bias; bias (lo > 0 only); 0 ...] adds bias / scale
+        to every row of S on the tensor cores (hi, lo >= 0: -inf biases stay -inf). The
+        softmax then costs what it costs without a mask: an element-wise add of a row
+        broadcast bias was a fifth more ALU work in a loop that is ALU-bound at D = 64."""
+        blk: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [4, 1], [1, 0])
+        cols = gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, blk)), 0)
+        row = gl.where(cols == 0, bias_hi, gl.where(cols == 1, bias_lo, 0.0))
+        a = row + gl.zeros([64, 16], gl.float32, blk)
+        return gl.convert_layout(a.to(dtype), layout)
+
+    @gluon.jit
+    def _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC: gl.constexpr):
+        """Issue S = Q K^T (+ bias / scale on the tensor cores: BIAS_TC), asynchronously."""
+        s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+        if BIAS_TC:
+            s_tok = _hopper.warpgroup_mma(bias_a, kb_bufs.index(slot).permute((1, 0)), s_tok,
+                                          is_async=True)
+        return s_tok
+
+    @gluon.jit
+    def _step(q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty, turn, s_zero,
+              acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base,
+              stride_mm, stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              MASKED: gl.constexpr, HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr,
+              MASK_RB: gl.constexpr, MASK_CB: gl.constexpr, PINGPONG: gl.constexpr,
+              BIAS_TC: gl.constexpr, mma: gl.constexpr, mma_o: gl.constexpr,
+              p_layout: gl.constexpr):
         """K/V tile j (ring position ``it``): issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1};
         the softmax of S_j runs while the second product is still on the tensor cores."""
         slot = it % STAGES
         if PINGPONG:
             mbarrier.wait(turn.index(WG), it & 1)
         mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-        s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
-                                      use_acc=False, is_async=True)
+        s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
         mbarrier.wait(v_full.index(prev), prev_phase)
         acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
         if PINGPONG:
@@ -213,7 +269,7 @@ if AVAILABLE:
         mbarrier.arrive(k_empty.index(slot))
         p, m_new, m_use = _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm,
                                         stride_mn, Lq, Lk, BLOCK_N, CAUSAL, MASKED, HAS_MASK,
-                                        MASK_BOOL, MASK_RB, MASK_CB, mma)
+                                        MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         p16 = p.to(p_prev.dtype)  # before the wait: the fp32 tile dies here, not after it
@@ -224,14 +280,16 @@ if AVAILABLE:
         return acc, m_new, l_i, p_prev, slot, (it // STAGES) & 1, it + 1
 
     @gluon.jit
-    def _consumer(Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full, k_empty,
-                  v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+    def _consumer(Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty, k_full,
+                  k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale, bias_hi, bias_lo,
+                  Lq, Lk,
                   stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                   stride_mb, stride_mh, stride_mm, stride_mn,
                   WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
-                  MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr):
+                  MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr,
+                  PAIRED: gl.constexpr, BIAS_TC: gl.constexpr):
         """One warpgroup: rows WG*64 .. WG*64+63 of each work tile's query block."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = 64 * NUM_WG
@@ -242,97 +300,108 @@ if AVAILABLE:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
         dtype: gl.constexpr = q_smem.dtype
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, mma)
+        if BIAS_TC:
+            bias_a = _bias_operand(bias_hi, bias_lo, dtype,
+                                   gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+        else:
+            bias_a = 0
         it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
         done = 0   # work tiles finished (Q phase)
-        for tile in range(gl.program_id(0), n_m * BH, gl.num_programs(0)):
-            off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
-                                                            BLOCK_N, CAUSAL)
-            offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
-            mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
-            acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
-            qs = done % QBUF
-            q = q_smem.index(qs * NUM_WG + WG)
-            mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
+        for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            for sub in range(_unit_tiles(unit, n_m, PAIRED)):
+                off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
+                                                                BLOCK_N, CAUSAL, PAIRED)
+                offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
+                mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
+                acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+                qs = done % QBUF
+                q = q_smem.index(qs * NUM_WG + WG)
+                mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
 
-            # K/V tile 0: S_0 only (its P.V is issued together with S_1)
-            slot = it % STAGES
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), it & 1)
-            mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-            s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
-                                          use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
-            s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(slot))
-            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-            if n_full > 0:
-                p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
-                                              stride_mn, Lq, Lk, BLOCK_N, CAUSAL, False,
-                                              HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, mma)
-            else:
-                p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
-                                              stride_mn, Lq, Lk, BLOCK_N, CAUSAL, True,
-                                              HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, mma)
-            l_i = gl.sum(p, 1)
-            p_prev = gl.convert_layout(p.to(dtype), p_layout)
-            prev = slot
-            prev_phase = (it // STAGES) & 1
-            it += 1
-            # tiles that need no element mask, then the diagonal / ragged-edge ones (two loops
-            # rather than a branch per tile: the branch costs registers the loop has not got)
-            for j in range(1, n_full):
-                acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                    q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i,
-                    l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm,
-                    stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, False, HAS_MASK,
-                    MASK_BOOL, MASK_RB, MASK_CB, PINGPONG, mma, mma_o, p_layout)
-            for j in range(gl.maximum(n_full, 1), n_blocks):
-                acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                    q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, acc, m_i,
-                    l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base, stride_mm,
-                    stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, True, HAS_MASK,
-                    MASK_BOOL, MASK_RB, MASK_CB, PINGPONG, mma, mma_o, p_layout)
-            # every S of this tile is done: the producer may bring the next tile's Q
-            mbarrier.arrive(q_empty.index(qs))
+                # K/V tile 0: S_0 only (its P.V is issued together with S_1)
+                slot = it % STAGES
+                if PINGPONG:
+                    mbarrier.wait(turn.index(WG), it & 1)
+                mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+                s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+                s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
+                mbarrier.arrive(k_empty.index(slot))
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+                if n_full > 0:
+                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                  False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                  BIAS_TC, mma)
+                else:
+                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                  True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                  BIAS_TC, mma)
+                l_i = gl.sum(p, 1)
+                p_prev = gl.convert_layout(p.to(dtype), p_layout)
+                prev = slot
+                prev_phase = (it // STAGES) & 1
+                it += 1
+                # tiles that need no element mask, then the diagonal / ragged-edge ones (two loops
+                # rather than a branch per tile: the branch costs registers the loop has not got)
+                for j in range(1, n_full):
+                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
+                        offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
+                        STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
+                        BIAS_TC, mma, mma_o, p_layout)
+                for j in range(gl.maximum(n_full, 1), n_blocks):
+                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
+                        offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
+                        STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
+                        BIAS_TC, mma, mma_o, p_layout)
+                # every S of this tile is done: the producer may bring the next tile's Q
+                mbarrier.arrive(q_empty.index(qs))
 
-            mbarrier.wait(v_full.index(prev), prev_phase)
-            acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
-            acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(v_empty.index(prev))
+                mbarrier.wait(v_full.index(prev), prev_phase)
+                acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+                acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(v_empty.index(prev))
 
-            # epilogue: O = acc / l, lse = (m + log2 l) ln 2; fully masked rows: 0 and -inf
-            if HAS_MASK:
-                empty = l_i == 0.0
-                l_safe = gl.where(empty, 1.0, l_i)
-                lse = gl.where(empty, float("-inf"),
-                               (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            else:
-                l_safe = l_i
-                lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-            inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-            out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
-            rows_o = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma_o))
-            cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
-            o_base = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-            gl.store(o_base + gl.expand_dims(rows_o, 1) * stride_om + gl.expand_dims(cols_o, 0),
-                     out, mask=gl.expand_dims(rows_o < Lq, 1))
-            l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
-            gl.store(l_base + offs_m, lse, mask=offs_m < Lq)
-            done += 1
+                # epilogue: O = acc / l, lse = (m + log2 l) ln 2; fully masked rows: 0 and -inf
+                if HAS_MASK:
+                    empty = l_i == 0.0
+                    l_safe = gl.where(empty, 1.0, l_i)
+                    lse = gl.where(empty, float("-inf"),
+                                   (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+                else:
+                    l_safe = l_i
+                    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+                inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
+                out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
+                rows_o = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma_o))
+                cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
+                o_base = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+                gl.store(o_base + gl.expand_dims(rows_o, 1) * stride_om + gl.expand_dims(cols_o, 0),
+                         out, mask=gl.expand_dims(rows_o < Lq, 1))
+                l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+                gl.store(l_base + offs_m, lse, mask=offs_m < Lq)
+                done += 1
 
     @gluon.jit(do_not_specialize=["Lq", "Lk"])
-    def _attn_fwd_sm90(desc_q, desc_k, desc_v, Out, LSE, Mask,
+    def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_kb, Out, LSE, Mask,
                        stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                        stride_mb, stride_mh, stride_mm, stride_mn,
-                       n_m, BH, Hq, GROUP, Lq, Lk, qk_scale,
+                       n_m, n_units, Hq, GROUP, kb_nb, kb_nh, Lq, Lk, qk_scale, bias_hi, bias_lo,
                        HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WG: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
                        MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr, MASK_CB: gl.constexpr,
                        PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr):
-        """Program p does work tiles p, p + P, p + 2P, ... (P programs: one per tile, or one
-        per SM for the persistent launch; see forward)."""
+                       CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, PAIRED: gl.constexpr,
+                       BIAS_TC: gl.constexpr):
+        """Program p does work units p, p + P, p + 2P, ... (P programs: one per unit, or one
+        per SM for the persistent launch; see forward); a unit is one query block, or two
+        (PAIRED, see _unit_tiles)."""
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         dtype: gl.constexpr = desc_q.dtype
         smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -340,6 +409,11 @@ if AVAILABLE:
         q_smem = gl.allocate_shared_memory(dtype, [QBUF * NUM_WG, 64, HEAD_D], smem)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], smem)
+        if BIAS_TC:  # (BLOCK_N, 16) bias tiles, one per K slot
+            kb_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 16], dtype)
+            kb_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, 16], kb_layout)
+        else:
+            kb_bufs = k_bufs   # (not read)
         bar: gl.constexpr = mbarrier.MBarrierLayout()
         q_full = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
         q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
@@ -365,45 +439,52 @@ if AVAILABLE:
         # run-time values)
         if NUM_WG == 2:
             gl.warp_specialize([
-                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                             bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
-                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                             bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
-                (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
-                             k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
-                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL, QBUF)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
+                             q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
+                             GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                             QBUF, PAIRED, BIAS_TC)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                             bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
-                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                             bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
-                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, q_full, q_empty, k_full,
-                             k_empty, v_full, v_empty, turn, n_m, BH, Hq, qk_scale, Lq, Lk,
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
+                             k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                             bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              2, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF)),
-                (_producer, (desc_q, desc_k, desc_v, q_smem, k_bufs, v_bufs, q_full, q_empty,
-                             k_full, k_empty, v_full, v_empty, n_m, BH, Hq, GROUP, Lk,
-                             BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL, QBUF)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
+                             q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
+                             GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                             QBUF, PAIRED, BIAS_TC)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -416,11 +497,12 @@ if AVAILABLE:
 # causality.
 # * Shared memory: Q (64 NUM_WG x D) + STAGES x (K + V) (BLOCK_N x D each), 2 bytes an element:
 #   one program per SM either way.
-# * PERSISTENT: one program per SM looping over the work tiles, which overlaps a tile's
-#   prologue and epilogue with its neighbours' (measured faster at L <= 4k). Not for causal:
-#   its tiles differ in work, and the hardware's dynamic scheduling of one program per tile
-#   balanced them better than a static round robin (run 3 of 2026-11-25: 400 vs 470 TFLOP/s
-#   at L = 2k, D = 128).
+# * PERSISTENT: one program per SM looping over the work units, which overlaps a tile's
+#   prologue and epilogue with its neighbours' (measured faster at L <= 4k). Causal query
+#   blocks differ in work: a static round robin over them lost to the hardware's dynamic
+#   scheduling of one program per block (400 vs 470 TFLOP/s at L = 2k, D = 128, third session),
+#   so a persistent causal launch pairs a head's blocks r and n_m - 1 - r into units of equal
+#   work (PAIRED, see _unit_tiles).
 # * QBUF: Q slots; two for persistent launches, so that the next tile's Q arrives while this
 #   tile runs (one program per tile has a single tile: one slot).
 # * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
@@ -433,7 +515,7 @@ _BASE = {
     (128, "row"): (128, 2, 2, True, 24, 240),
     (128, "tile"): (64, 2, 3, True, 24, 240),
 }
-_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, not causal, pr, cr, 1 if causal else 2)
+_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2)
             for (d, kind), (bn, wg, st, pp, pr, cr) in _BASE.items() for causal in (False, True)}
 HEAD_DIMS = (64, 128)
 
@@ -488,10 +570,12 @@ def unsupported(q, k, v, scale, capability, causal=False):
         return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
     if D == 64 and causal and os.environ.get("ADAATTN_SM90_CAUSAL64", "") != "1":
         # (checked first: the checks below cost microseconds per call)
-        # measured slower than the Triton-language kernel (2026-11-25, H100, bf16: 250-414 vs
-        # 370-417 TFLOP/s at L = 2k-16k): with 64-wide heads the per-tile overhead of the
-        # diagonal tiles is a larger share of the work
-        return "causal with head dim 64 (the Triton kernel measured faster)"
+        # no faster than the Triton-language kernel (2026-11-25, H100, bf16, causal 2k / 4k /
+        # 8k: 351 / 395 / 410 TFLOP/s on two warpgroups, 249 / 367 / 399 on three (the
+        # default), Triton 347 / 395 / 425); with a bias it was faster (two warpgroups 334 /
+        # 399 against the Triton kernel's 284 / 335 of an earlier run): a candidate once the
+        # two-warpgroup config has been through the GPU tests
+        return "causal with head dim 64 (the Triton kernel measured as fast)"
     if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
         return "strides not 16-byte aligned"
     if not scale > 0:
@@ -541,25 +625,68 @@ def _int_spec(value):
     return (value == 1, value % 16 == 0, -2**31 <= value < 2**31)
 
 
-def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, out, lse):
-    """-> (config, programs, the int arguments, the constexpr values, the launcher key, the
-    device index)."""
+@functools.lru_cache(maxsize=64)
+def inv_scale_split(sm_scale, dtype):
+    """1 / sm_scale as hi + lo, both representable in ``dtype`` and >= 0 (hi rounded down), for
+    a bias added on the tensor cores (bias * hi + bias * lo, exact products summed in fp32).
+    Returns (hi, lo, bias rows used). Shared with :mod:`.flash`'s Triton forward."""
+    inv = 1.0 / sm_scale
+    hi_t = torch.tensor([inv], dtype=torch.float64).to(dtype)
+    if float(hi_t) > inv:  # step down one ulp (positive values: integer view minus one)
+        hi_t = (hi_t.view(torch.int16) - 1).view(dtype)
+    hi = float(hi_t)
+    lo = float(torch.tensor([inv - hi], dtype=torch.float64).to(dtype))
+    return hi, lo, (2 if lo > 0 else 1)
+
+
+def _bias_tc(q, mask, mask_flags, sm_scale):
+    """Whether the mask is added on the tensor cores (BIAS_TC): a (B|1, H|1, 1, Lk) row, bool
+    or additive in q's dtype (the tile is built in q's dtype: a wider bias would be rounded).
+    ``ADAATTN_SM90_BIAS_TC=0`` turns it off."""
+    has_mask, is_bool, rb, cb = mask_flags
+    return (has_mask and rb and not cb and (is_bool or mask.dtype == q.dtype)
+            and inv_scale_split(sm_scale, q.dtype)[0] > 0
+            and os.environ.get("ADAATTN_SM90_BIAS_TC", "1") not in ("0", "false", "False", "no"))
+
+
+def _bias_tile(mask, shape, mask_strides, is_bool, dtype, rows):
+    """The (B|1, H|1, Lk, 16) tile read next to K for BIAS_TC: column 0 (and 1 if ``rows`` is
+    2) the bias of key j (a bool mask: 0 / -inf), zeros elsewhere. ``mask``: the caller's row
+    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as their uint8 view."""
+    b = mask.expand(shape)[:, :, 0, :]
+    if mask_strides[0] == 0:
+        b = b[:1]
+    if mask_strides[1] == 0:
+        b = b[:, :1]
+    if is_bool:
+        b = torch.where(b.view(torch.bool), 0.0, float("-inf")).to(dtype)
+    return torch.nn.functional.pad(b.unsqueeze(-1).expand(*b.shape, rows), (0, 16 - rows))
+
+
+def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
+    """-> (config, programs, the int arguments, the float arguments after qk_scale, the
+    constexpr values, the launcher key, the device index)."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     has_mask, is_bool, rb, cb = mask_flags
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
     block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
     n_m = -(-Lq // (64 * num_wg))
-    tiles = n_m * B * Hq
+    paired = bool(is_causal) and persistent
+    units = B * Hq * ((n_m + 1) // 2 if paired else n_m)
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    programs = min(tiles, _sm_count(device)) if persistent else tiles
+    programs = min(units, _sm_count(device)) if persistent else units
+    bias_tc = _bias_tc(q, mask, mask_flags, sm_scale)
+    hi, lo, _ = inv_scale_split(sm_scale, q.dtype) if bias_tc else (0.0, 0.0, 0)
+    kb_nb = B if mask_strides[0] else 1
+    kb_nh = Hq if mask_strides[1] else 1
     ints = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            *mask_strides, n_m, B * Hq, Hq, Hq // Hkv)
+            *mask_strides, n_m, units, Hq, Hq // Hkv, kb_nb, kb_nh)
     consts = (D, block_n, num_wg, stages, bool(is_causal), has_mask, is_bool, rb, cb, pingpong,
-              pregs, cregs, qbuf)
+              pregs, cregs, qbuf, paired, bias_tc)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
            tuple(_int_spec(x) for x in ints))
-    return cfg, programs, ints, consts, key, device
+    return cfg, programs, ints, (hi, lo), consts, key, device
 
 
 def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
@@ -569,12 +696,18 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     global _FAST_LAUNCH
     Lq, D = q.shape[2], q.shape[3]
     Lk = k.shape[2]
-    cfg, programs, ints, consts, key, device = _launch_plan(q, k, mask, mask_strides, mask_flags,
-                                                            is_causal, out, lse)
+    cfg, programs, ints, floats, consts, key, device = _launch_plan(
+        q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
+    bias_tc = consts[-1]
+    bk = None
+    if bias_tc:
+        bk = _bias_tile(mask, (q.shape[0], q.shape[1], Lq, Lk), mask_strides, mask_flags[1],
+                        q.dtype, inv_scale_split(sm_scale, q.dtype)[2])
     kernel = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
     if kernel is not None:
-        args = (_HostDescriptor(q), _HostDescriptor(k), _HostDescriptor(v), out, lse, mask,
-                *ints, Lq, Lk, sm_scale * _LOG2E, *consts)
+        args = (_HostDescriptor(q), _HostDescriptor(k), _HostDescriptor(v),
+                None if bk is None else _HostDescriptor(bk), out, lse, mask,
+                *ints, Lq, Lk, sm_scale * _LOG2E, *floats, *consts)
         try:
             launch.run_compiled(kernel, (programs, 1, 1), device, args)
             return out, lse
@@ -586,10 +719,12 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     has_mask, is_bool, rb, cb = mask_flags
     kernel = _attn_fwd_sm90[(programs,)](
         _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
-        out, lse, mask, *ints, Lq, Lk, sm_scale * _LOG2E,
+        None if bk is None else _descriptor(bk, block_n, 16),
+        out, lse, mask, *ints, Lq, Lk, sm_scale * _LOG2E, *floats,
         HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg, STAGES=stages, CAUSAL=bool(is_causal),
         HAS_MASK=has_mask, MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PINGPONG=pingpong,
-        PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf, num_warps=4)
+        PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
+        PAIRED=bool(is_causal) and persistent, BIAS_TC=bias_tc, num_warps=4)
     if _FAST_LAUNCH and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
         _LAUNCHERS[key] = kernel
     return out, lse
@@ -597,17 +732,19 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
 
 class BoundForward:
     """:func:`forward` for one call signature with everything but the tensors fixed (see
-    :func:`bind`): ``bound(q, k, v, mask, out, lse)``."""
-    __slots__ = ("kernel", "programs", "device", "layouts", "tail")
+    :func:`bind`): ``bound(q, k, v, mask, out, lse)``; ``mask`` as the caller passed it (bool
+    masks as their uint8 view)."""
+    __slots__ = ("kernel", "programs", "device", "layouts", "tail", "bias")
 
-    def __init__(self, kernel, programs, device, layouts, tail):
+    def __init__(self, kernel, programs, device, layouts, tail, bias):
         self.kernel, self.programs, self.device = kernel, programs, device
-        self.layouts, self.tail = layouts, tail
+        self.layouts, self.tail, self.bias = layouts, tail, bias
 
     def __call__(self, q, k, v, mask, out, lse):
         (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v) = self.layouts
+        bk = None if self.bias is None else _HostDescriptor(_bias_tile(mask, *self.bias))
         args = (_HostDescriptor(q, shape_q, strides_q), _HostDescriptor(k, shape_k, strides_k),
-                _HostDescriptor(v, shape_v, strides_v), out, lse, mask, *self.tail)
+                _HostDescriptor(v, shape_v, strides_v), bk, out, lse, mask, *self.tail)
         launch.run_compiled(self.kernel, (self.programs, 1, 1), self.device, args)
 
 
@@ -617,11 +754,15 @@ def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     argument (shapes, strides, dtypes, alignment, mask layout, causal, scale)."""
     if not _FAST_LAUNCH:
         return None
-    _, programs, ints, consts, key, device = _launch_plan(q, k, mask, mask_strides, mask_flags,
-                                                          is_causal, out, lse)
+    _, programs, ints, floats, consts, key, device = _launch_plan(
+        q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     kernel = _LAUNCHERS.get(key)
     if kernel is None:
         return None
     layouts = tuple((list(t.shape), tma_strides(t)) for t in (q, k, v))
-    tail = (*ints, q.shape[2], k.shape[2], sm_scale * _LOG2E, *consts)
-    return BoundForward(kernel, programs, device, layouts, tail)
+    tail = (*ints, q.shape[2], k.shape[2], sm_scale * _LOG2E, *floats, *consts)
+    bias = None
+    if consts[-1]:   # BIAS_TC: the bias tile is built from each call's mask
+        bias = ((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), mask_strides, mask_flags[1],
+                q.dtype, inv_scale_split(sm_scale, q.dtype)[2])
+    return BoundForward(kernel, programs, device, layouts, tail, bias)
