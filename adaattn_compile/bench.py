@@ -344,6 +344,7 @@ class Settings:
     compilers: Tuple[str, ...] = COMPILERS
     repeat: int = 10
     warmup: int = 3
+    interleave: int = 0            # rounds of alternating timing after all compiles (0: none)
     scale: str = "real"
     layers: Optional[int] = None
     seed: int = 0
@@ -444,7 +445,8 @@ def plan_from_args(args) -> Tuple[Settings, List[Config]]:
         compilers = [c for c in compilers if c != "stock"]
         if not compilers:
             raise BenchError("argument --no-compile-stock: no compiler left to run")
-    for name, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0)):
+    for name, value, low in (("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
+                             ("--interleave", args.interleave, 0)):
         if value < low:
             raise BenchError(f"argument {name}: must be >= {low}, got {value}")
     if args.layers is not None and args.layers < 1:
@@ -453,6 +455,7 @@ def plan_from_args(args) -> Tuple[Settings, List[Config]]:
         raise BenchError(f"argument --max-minutes: must be > 0, got {args.max_minutes}")
     settings = Settings(device=device, dtype=dtype, policies=tuple(policies),
                         compilers=tuple(compilers), repeat=args.repeat, warmup=args.warmup,
+                        interleave=args.interleave,
                         scale=args.scale, layers=args.layers, seed=args.seed,
                         stock_backend=args.stock_backend, inner=args.inner, cache=args.cache,
                         max_minutes=args.max_minutes, out=args.out, append=args.append,
@@ -853,15 +856,60 @@ def _reference(case: _Case) -> _Reference:
     return ref
 
 
+@dataclasses.dataclass
+class _Timing:
+    """Timed calls of one row, gathered over one or more chunks (interleaved rounds)."""
+    times: List[float] = dataclasses.field(default_factory=list)
+    host: List[float] = dataclasses.field(default_factory=list)
+    probes: List[float] = dataclasses.field(default_factory=list)
+    threads: Optional[int] = None
+    peak: Optional[float] = None        # bytes, max over the chunks
+    peak_extra: Optional[float] = None  # bytes above what was allocated before a chunk
+
+
+def _time_chunk(step: Callable, device: str, calls: int, acc: _Timing) -> None:
+    """Time ``calls`` calls of ``step`` into ``acc`` (with the host probe before them and the
+    peak memory during them)."""
+    _free(device)
+    before = 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    probe, acc.threads = host_probe()
+    acc.probes.append(probe)
+    acc.times += time_calls(step, calls, device, acc.host)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        acc.peak = max(acc.peak or 0, peak)
+        acc.peak_extra = max(acc.peak_extra or 0, peak - before)
+
+
+def _finish_timing(row: Row, acc: _Timing) -> None:
+    row.host_probe_ms, row.os_threads = statistics.median(acc.probes), acc.threads
+    if acc.host:
+        row.host_ms = statistics.median(acc.host)
+    if acc.peak is not None:
+        row.peak_mem_mb = acc.peak / 2**20
+        row.peak_extra_mb = acc.peak_extra / 2**20
+    row.ms_median, row.ms_min, row.n_timed = (statistics.median(acc.times), min(acc.times),
+                                              len(acc.times))
+    if row.compiler != "eager" and row.first_call_s is not None:
+        row.compile_s = max(0.0, row.first_call_s - row.ms_median / 1e3)
+
+
 def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
-             row: Row) -> None:
-    """Fill ``row`` for one compiler on the prepared case (raises on failure)."""
+             row: Row, timed: bool = True) -> Callable[[], torch.Tensor]:
+    """Fill ``row`` for one compiler on the prepared case (raises on failure) and return its
+    step. ``timed=False``: compile, check and warm up only (the caller times the step, see
+    :func:`_time_interleaved`), and leave Dynamo's caches alone so that the compilers of one
+    model stay compiled side by side."""
     import adaattn_compile
     from .compiler import record_graphs
 
     s = case.settings
     device = s.device
-    torch._dynamo.reset()     # run_config freed the previous step's memory already
+    if timed:
+        torch._dynamo.reset()     # run_config freed the previous step's memory already
     model = case.model
     if compiler == "eager":
         fn = model
@@ -890,25 +938,13 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
         for _ in range(s.warmup):
             step()
         _sync(device)
-        _free(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        row.host_probe_ms, row.os_threads = host_probe()
-        host_times: List[float] = []
-        usage = CpuUsage()
-        times = time_calls(step, s.repeat, device, host_times)
-        row.cpu_cores_ours, row.cpu_cores_machine = usage.cores()
-        row.busy_threads = usage.busy_threads()
-        if host_times:
-            row.host_ms = statistics.median(host_times)
-        if device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
-            row.peak_mem_mb = peak / 2**20
-            row.peak_extra_mb = (peak - before) / 2**20
-        row.ms_median, row.ms_min, row.n_timed = statistics.median(times), min(times), len(times)
-        if compiler != "eager":
-            row.compile_s = max(0.0, row.first_call_s - row.ms_median / 1e3)
+        if timed:
+            acc = _Timing()
+            usage = CpuUsage()
+            _time_chunk(step, device, s.repeat, acc)
+            row.cpu_cores_ours, row.cpu_cores_machine = usage.cores()
+            row.busy_threads = usage.busy_threads()
+            _finish_timing(row, acc)
         if case.cfg.mode == "train" and ref.grads is not None:
             row.grad_rel_l2 = grad_error(case.params, ref.grads)
         if compiler == "adaattn":
@@ -924,6 +960,55 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
                     summary["pass_errors"][0][:200]
     for p in case.params:
         p.grad = None
+    return step
+
+
+def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -> None:
+    """Time the compiled steps of one model in ``settings.interleave`` rounds, every other
+    round in reverse order, ``settings.repeat`` calls per row in all. Compilers timed one after
+    the other saw the host at different speeds (a fixed Python loop ran 1.8x slower in one row
+    than in the next on the H100 machine), which decides host-bound rows; in turns they share
+    it. The CPU use and busy threads are those of the whole interleaved block."""
+    device = settings.device
+    rounds = settings.interleave
+    per_round = max(1, -(-settings.repeat // rounds))
+    accs = {id(row): _Timing() for row, _ in entries}
+    failed: Dict[int, str] = {}
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    usage = CpuUsage()
+    for r in range(rounds):
+        for row, step in (entries if r % 2 == 0 else entries[::-1]):
+            if id(row) in failed:
+                continue
+            try:
+                _time_chunk(step, device, per_round, accs[id(row)])
+            except Exception as exc:   # one compiler failing must not end the run
+                failed[id(row)] = _short_error(exc)
+                row.status, row.error = "error", failed[id(row)]
+                row.detail = traceback.format_exc()[-2000:]
+    ours, machine = usage.cores()
+    busy = usage.busy_threads()
+    recompiled = torch._dynamo.utils.counters["frames"]["ok"] != frames
+    for row, _ in entries:
+        if id(row) in failed:
+            continue
+        _finish_timing(row, accs[id(row)])
+        row.cpu_cores_ours, row.cpu_cores_machine, row.busy_threads = ours, machine, busy
+        note = f"timed in {rounds} interleaved rounds"
+        if recompiled:
+            note += " (a recompile happened during them)"
+        row.note = (row.note + "; " if row.note else "") + note
+
+
+def _row_summary(row: Row) -> str:
+    return f"{row.ms_median:.2f} ms" + (
+        f" (host {row.host_ms:.2f} ms, probe {row.host_probe_ms:.1f} ms, "
+        f"{row.os_threads} threads, CPU cores ours/machine "
+        f"{_fmt_cores(row.cpu_cores_ours)}/{_fmt_cores(row.cpu_cores_machine)}, "
+        f"busy threads: {row.busy_threads})"
+        if row.host_ms is not None else "") + (
+        f", compile {row.compile_s:.1f}s" if row.compile_s is not None else "") + (
+        f", {row.sites} sites" if row.sites is not None else "")
 
 
 def units(settings: Settings) -> List[Tuple[str, Optional[str]]]:
@@ -986,6 +1071,10 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
     case.prepare(DTYPES[settings.dtype])
     params_m = sum(p.numel() for p in built.model.parameters()) / 1e6
     rows: List[Row] = []
+    interleave = settings.interleave > 0
+    compiled: List[Tuple[Row, Callable]] = []   # interleave: the steps timed after the loop
+    if interleave:
+        torch._dynamo.reset()
     for compiler, policy in todo:
         row = _base_row(cfg, settings, compiler, policy)
         row.tokens, row.layers, row.params_m, row.note = built.tokens, built.layers, params_m, \
@@ -996,15 +1085,12 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
         if progress:
             progress.begin(f"{label}: {name}")
         try:
-            _measure(case, ref, compiler, policy, row)
-            result = f"{row.ms_median:.2f} ms" + (
-                f" (host {row.host_ms:.2f} ms, probe {row.host_probe_ms:.1f} ms, "
-                f"{row.os_threads} threads, CPU cores ours/machine "
-                f"{_fmt_cores(row.cpu_cores_ours)}/{_fmt_cores(row.cpu_cores_machine)}, "
-                f"busy threads: {row.busy_threads})"
-                if row.host_ms is not None else "") + (
-                f", compile {row.compile_s:.1f}s" if row.compile_s is not None else "") + (
-                f", {row.sites} sites" if row.sites is not None else "")
+            step = _measure(case, ref, compiler, policy, row, timed=not interleave)
+            if interleave:
+                compiled.append((row, step))
+                result = f"compiled in {row.first_call_s:.1f}s (timed below, interleaved)"
+            else:
+                result = _row_summary(row)
         except Exception as exc:   # one compiler failing must not end the run
             row.status, row.error = "error", _short_error(exc)
             row.detail = traceback.format_exc()[-2000:]
@@ -1012,11 +1098,24 @@ def run_config(cfg: Config, settings: Settings, progress: Optional["Progress"] =
         finally:
             for p in case.params:
                 p.grad = None
-            torch._dynamo.reset()
+            if not interleave:
+                torch._dynamo.reset()
             _free(settings.device)
         if progress:
             progress.end(result)
         rows.append(row)
+    if compiled:
+        if progress:
+            progress.begin(f"{label}: timing {len(compiled)} compilers in "
+                           f"{settings.interleave} interleaved rounds")
+        _time_interleaved(compiled, settings)
+        if progress:
+            progress.end("; ".join(f"{r.compiler}: " + (_row_summary(r) if r.status == "ok"
+                                                          else f"error: {r.error}")
+                                   for r, _ in compiled), units=0)
+        compiled.clear()
+        torch._dynamo.reset()
+        _free(settings.device)
     add_ratios(rows)
     del case, built
     _free(settings.device, force=True)

@@ -40,6 +40,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--repeat", type=int, default=10, help="timed calls; the median is kept")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="compile every compiler of a model first, then time them in ROUNDS "
+                   "alternating rounds (--repeat calls in all), so that they share the host's "
+                   "speed of the moment; 0 (default): time each right after its compile")
     p.add_argument("--compilers", default="eager,stock,adaattn",
                    help="comma list of eager,stock,adaattn (default all three)")
     p.add_argument("--no-compile-stock", action="store_true", help="leave stock torch.compile out")

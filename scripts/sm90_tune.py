@@ -2,7 +2,7 @@
 our Triton-language kernel, in one process on one GPU (bf16, B*L = 16k tokens, H = 2048 / D).
 
     python3 scripts/sm90_tune.py [--dims 64,128] [--lengths 2048,4096,8192,16384]
-        [--configs128 "128,2,2,1,24,240;128,2,3,1,24,240"] [--json out.json]
+        [--configs128 "default;128,2,2,1,1,24,240,1"] [--json out.json]
 
 A config is BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PRODUCER_REGS,CONSUMER_REGS[,QBUF] (see
 flash_hopper.config), or "default" for the built-in one; "+NAME=VALUE" suffixes set environment
@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--configs128", default=DEFAULTS[128])
     ap.add_argument("--no-triton", action="store_true", help="skip our Triton-language kernel")
     ap.add_argument("--rep", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="timing rounds, providers in reverse order every other round")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -79,7 +80,9 @@ def main():
                         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                               is_causal=causal, **kw)
                 # every provider as a closure; timed in `--rounds` interleaved rounds (the
-                # median of the rounds is kept) so that clock drift hits all of them alike
+                # median of the rounds is kept) so that clock drift hits all of them alike, in
+                # reverse order every other round: two identical kernels timed one after the
+                # other in a fixed order read 2-8 % apart, the later one lower (2026-11-25)
                 fns, ref = {}, None
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                                       ("fa2", SDPBackend.FLASH_ATTENTION),
@@ -105,7 +108,8 @@ def main():
                         q, k, v, attn_mask=bias, is_causal=causal), env)
                 times = {}
                 for rnd in range(a.rounds):
-                    for name, (fn, env) in fns.items():
+                    order = list(fns.items())
+                    for name, (fn, env) in (order if rnd % 2 == 0 else order[::-1]):
                         if name in row.get("_failed", ()):
                             continue
                         os.environ.update(env)

@@ -287,3 +287,59 @@ def test_cpu_usage_names_a_busy_background_thread():
     names = [part.rsplit(" ", 1)[0] for part in report.split(", ")]
     assert "busy-spinner" in names and "MainThread" in names, report
     assert "idle-waiter" not in names, report
+
+
+def test_interleaved_timing_alternates_the_compilers_without_recompiling(monkeypatch, capsys):
+    """--interleave: every compiler of a model compiles first, then all are timed in rounds
+    of alternating order (a shared host speed), with no recompile in between; a compiler that
+    fails while timed is recorded and the others keep their timings."""
+    assert "argument --interleave" in _bench_error(capsys, "--interleave", "-1")
+    settings = bench.Settings(device="cpu", dtype="fp32", compilers=bench.COMPILERS,
+                              repeat=5, warmup=1, interleave=2, scale="tiny", inner="eager",
+                              stock_backend="aot_eager", cache="shared", progress=False)
+    order = []
+    real_chunk = bench._time_chunk
+
+    def chunk(step, device, calls, acc):
+        order.append((rows_by_step[step], calls))
+        return real_chunk(step, device, calls, acc)
+
+    rows_by_step = {}
+    real_measure = bench._measure
+
+    def measure(case, ref, compiler, policy, row, timed=True):
+        assert not timed
+        step = real_measure(case, ref, compiler, policy, row, timed=timed)
+        rows_by_step[step] = compiler
+        return step
+
+    monkeypatch.setattr(bench, "_time_chunk", chunk)
+    monkeypatch.setattr(bench, "_measure", measure)
+    rows = bench.run_config(bench.Config("gpt", 16, 1, "infer"), settings)
+    assert [r.status for r in rows] == ["ok"] * 3
+    assert order == [("eager", 3), ("stock", 3), ("adaattn", 3),
+                     ("adaattn", 3), ("stock", 3), ("eager", 3)]
+    for r in rows:
+        assert r.n_timed == 6 and r.ms_median > 0 and r.host_probe_ms > 0
+        assert "timed in 2 interleaved rounds" in r.note and "recompile" not in r.note
+    ours = rows[2]
+    assert ours.sites == 2 and ours.speedup_vs_stock > 0 and ours.compile_s is not None
+
+    def failing(step, device, calls, acc):
+        if rows_by_step[step] == "stock" and acc.times:
+            raise RuntimeError("simulated failure in the second round")
+        return real_chunk(step, device, calls, acc)
+
+    monkeypatch.setattr(bench, "_time_chunk", failing)
+    rows = bench.run_config(bench.Config("gpt", 16, 1, "infer"), settings)
+    assert [r.status for r in rows] == ["ok", "error", "ok"]
+    assert "simulated failure" in rows[1].error and rows[1].ms_median is None
+    assert rows[2].n_timed == 6 and rows[2].speedup_vs_stock is None
+
+    def recompiling(step, device, calls, acc):   # as if Dynamo compiled a frame meanwhile
+        torch._dynamo.utils.counters["frames"]["ok"] += 1
+        return real_chunk(step, device, calls, acc)
+
+    monkeypatch.setattr(bench, "_time_chunk", recompiling)
+    rows = bench.run_config(bench.Config("gpt", 16, 1, "infer"), settings)
+    assert all("a recompile happened during them" in r.note for r in rows)
