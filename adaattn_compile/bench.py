@@ -965,7 +965,7 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
 
 def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -> None:
     """Time the compiled steps of one model in ``settings.interleave`` rounds, every other
-    round in reverse order, ``settings.repeat`` calls per row in all. Compilers timed one after
+    round in reverse order, ceil(repeat / rounds) calls per row and round. Compilers timed one after
     the other saw the host at different speeds (a fixed Python loop ran 1.8x slower in one row
     than in the next on the H100 machine), which decides host-bound rows; in turns they share
     it. The CPU use and busy threads are those of the whole interleaved block."""
@@ -973,7 +973,7 @@ def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -
     rounds = settings.interleave
     per_round = max(1, -(-settings.repeat // rounds))
     accs = {id(row): _Timing() for row, _ in entries}
-    failed: Dict[int, str] = {}
+    failed = set()   # ids of rows whose timing raised
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     usage = CpuUsage()
     for r in range(rounds):
@@ -983,8 +983,8 @@ def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -
             try:
                 _time_chunk(step, device, per_round, accs[id(row)])
             except Exception as exc:   # one compiler failing must not end the run
-                failed[id(row)] = _short_error(exc)
-                row.status, row.error = "error", failed[id(row)]
+                failed.add(id(row))
+                row.status, row.error = "error", _short_error(exc)
                 row.detail = traceback.format_exc()[-2000:]
     ours, machine = usage.cores()
     busy = usage.busy_threads()
