@@ -29,7 +29,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import planner
+from . import mask_proofs, planner
 from .kernels import reference
 from .options import Options
 
@@ -249,6 +249,18 @@ def _flash_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, en
 # The operator's kernels: plain functions, registered below autograd (and called straight
 # from the Autograd kernel when nothing else sits in between).
 
+def _drop_proven_mask(site, attn_mask, q, k):
+    """(mask, is_causal) to run with: a run-time mask proven causal becomes ``is_causal``
+    (blocks above the diagonal skipped, no mask read), one that masks nothing goes; the
+    result is the same (see :mod:`.mask_proofs`). ``site`` None: not counted (backward)."""
+    kind = mask_proofs.run_time_kind(attn_mask, q.shape[-2], k.shape[-2])
+    if kind is None:
+        return attn_mask, False
+    if site is not None:
+        stats.record_mask_proof(site, kind)
+    return None, kind == "causal"
+
+
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
                    kernel):
     """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed)."""
@@ -258,6 +270,8 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     else:
         seed = _NO_SEED.new_zeros(1)   # a fresh tensor each call: outputs must not alias
         seed_value = 0
+    if attn_mask is not None and not is_causal:
+        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k)
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     kernel_used = chosen.kernel
     result = None
@@ -297,6 +311,8 @@ def _attention_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
 def attention_backward_impl(grad_out, q, k, v, attn_mask, out, lse, seed, dropout_p, is_causal,
                             scale, enable_gqa, site, policy, kernel, mask_needs_grad):
     """The backward of ``adaattn::attention``: -> (dq, dk, dv, dmask or an empty tensor)."""
+    if attn_mask is not None and not is_causal and not mask_needs_grad:
+        attn_mask, is_causal = _drop_proven_mask(None, attn_mask, q, k)
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     stats.record_backward(site)
     grads = None

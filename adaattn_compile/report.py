@@ -132,6 +132,10 @@ class Report:
                         f"kernel={_counts(rt['kernel'])} precision={_counts(rt['precision'])} "
                         f"rank={_counts(rt['rank'])} demotions={rt['demotions']} "
                         f"error={'exact' if err is None else f'{err:.2e}'}")
+                    proven = rt.get("run_time_masks")
+                    if proven:
+                        lines.append(f"  masks     proven at run time, not read: "
+                                     f"{_counts(proven)} calls")
                     for reason in rt["fallbacks"]:
                         lines.append(f"  fallback  {reason}")
         return "\n".join(lines)

@@ -29,6 +29,9 @@ def _new_entry() -> Dict[str, Any]:
         "demotions": 0,
         "fallbacks": [],                     # reasons a kernel failed and the reference ran
         "measured_error": None,              # last measured relative L2 of an approximation
+        # masks that arrived at run time and were proven causal / empty (see mask_proofs):
+        # "causal" or "none" -> calls that ran without reading them
+        "run_time_masks": collections.Counter(),
     }
 
 
@@ -56,6 +59,11 @@ def record_backward(site: str) -> None:
         _entry(site)["backward_calls"] += 1
 
 
+def record_mask_proof(site: str, kind: str) -> None:
+    with _lock:
+        _entry(site)["run_time_masks"][kind] += 1
+
+
 def record_fallback(site: str, reason: str) -> None:
     with _lock:
         entry = _entry(site)
@@ -75,7 +83,7 @@ def stats() -> Dict[str, Dict[str, Any]]:
         entry["precision"][precision] += n
         entry["rank"][rank] += heads
     for entry in snap.values():
-        for key in ("kernel", "precision", "rank"):
+        for key in ("kernel", "precision", "rank", "run_time_masks"):
             entry[key] = dict(entry[key])
     return snap
 

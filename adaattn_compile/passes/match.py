@@ -531,7 +531,7 @@ def _detect_gqa(m: AttentionMatch):
 # ---------------------------------------------------------------------------------------------
 # Masks: prove constant causal masks causal.
 
-def _causal_kind(mask: torch.Tensor, lq: int, lk: int, keep_semantics: Optional[bool]):
+def causal_kind(mask: torch.Tensor, lq: int, lk: int, keep_semantics: Optional[bool]):
     """'causal' if a constant mask is exactly SDPA's top-left causal mask, 'none' if it masks
     nothing, else None. keep_semantics: True for bool keep-masks, False for bool masked-masks,
     None for additive masks."""
@@ -627,7 +627,7 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
     kept_keeps = []
     for keep in m.keeps:
         value = constant_value(keep.node, gm)
-        kind = _causal_kind(value, lq, lk, not keep.invert) if isinstance(value, torch.Tensor) else None
+        kind = causal_kind(value, lq, lk, not keep.invert) if isinstance(value, torch.Tensor) else None
         if kind == "causal" and not m.causal:
             m.causal = True
             m.notes.append("constant mask proven causal")
@@ -640,7 +640,7 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
     kept_biases = []
     for bias in m.biases:
         value = constant_value(bias.node, gm)
-        kind = _causal_kind(value, lq, lk, None) if isinstance(value, torch.Tensor) else None
+        kind = causal_kind(value, lq, lk, None) if isinstance(value, torch.Tensor) else None
         if kind == "causal" and not m.causal:
             m.causal = True
             m.notes.append("constant additive mask proven causal")
@@ -740,7 +740,7 @@ def match_sdpa(node: fx.Node, gm: fx.GraphModule) -> AttentionMatch:
     if mask is not None and not m.causal and isinstance(tq.shape[-2], int) and isinstance(tk.shape[-2], int):
         value = constant_value(mask, gm)
         if isinstance(value, torch.Tensor):
-            kind = _causal_kind(value, tq.shape[-2], tk.shape[-2],
+            kind = causal_kind(value, tq.shape[-2], tk.shape[-2],
                                 True if value.dtype == torch.bool else None)
             if kind in ("causal", "none"):
                 m.sdpa_mask = None

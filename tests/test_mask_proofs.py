@@ -1,0 +1,101 @@
+"""Masks that arrive at run time (graph inputs) proven causal or empty once per tensor, and the
+op's result unchanged by running them as is_causal / without a mask."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaattn_compile
+from adaattn_compile import mask_proofs
+from adaattn_compile.passes import match
+from helpers import compile_and_run, reference_attention, rel_err
+
+L = mask_proofs.MIN_LEN
+
+
+def causal_bool(b=2, lq=L, lk=L):
+    return torch.ones(lq, lk, dtype=torch.bool).tril().expand(b, 1, lq, lk).contiguous()
+
+
+def additive(keep, dtype=torch.float32, fill=None):
+    fill = torch.finfo(dtype).min if fill is None else fill
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, fill)
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    mask_proofs.clear()
+    yield
+    mask_proofs.clear()
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: causal_bool(), "causal"),
+    (lambda: additive(causal_bool()), "causal"),
+    (lambda: additive(causal_bool(), torch.float16, float("-inf")), "causal"),
+    (lambda: torch.ones(2, 1, L, L, dtype=torch.bool), "none"),
+    (lambda: torch.zeros(1, 4, L, L), "none"),
+    (lambda: causal_bool().transpose(-1, -2), None),                       # bottom-left
+    (lambda: additive(causal_bool(), fill=-1.0), None),                    # a bias, not a mask
+    (lambda: causal_bool(lq=L - 1, lk=L - 1), None),                       # too short to check
+    (lambda: torch.ones(2, 1, L, L + 1, dtype=torch.bool).tril(), None),   # Lq != Lk
+    (lambda: torch.ones(2, 1, 1, L, dtype=torch.bool), None),              # a padding row
+    (lambda: additive(causal_bool()).requires_grad_(), None),              # needs its gradient
+], ids=["bool", "additive-min", "additive-inf-fp16", "all-true", "all-zero", "upper",
+        "bias", "short", "lq-ne-lk", "row", "requires-grad"])
+def test_run_time_kind(make, expected):
+    mask = make()
+    assert mask_proofs.run_time_kind(mask, mask.shape[-2], mask.shape[-1]) == expected
+
+
+def test_inference_tensors_are_not_checked():
+    with torch.inference_mode():
+        mask = causal_bool()
+    assert mask_proofs.run_time_kind(mask, L, L) is None
+
+
+def test_one_check_per_tensor_and_version(monkeypatch):
+    calls = []
+    real = match.causal_kind
+    monkeypatch.setattr(match, "causal_kind", lambda *a: calls.append(1) or real(*a))
+    mask = causal_bool()
+    for _ in range(3):
+        assert mask_proofs.run_time_kind(mask, L, L) == "causal"
+    assert len(calls) == 1
+    mask[0, 0, 0, 5] = True          # an in-place write: the proof no longer holds
+    assert mask_proofs.run_time_kind(mask, L, L) is None
+    assert len(calls) == 2
+    other = causal_bool()            # equal values, another tensor: checked on its own
+    assert mask_proofs.run_time_kind(other, L, L) == "causal"
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("mask_type", ["bool", "additive"])
+def test_op_runs_a_run_time_causal_mask_as_causal(kernel, mask_type):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g).requires_grad_() for _ in range(3))
+    keep = causal_bool(1)
+    mask = keep if mask_type == "bool" else additive(keep)
+    out = adaattn_compile.attention(q, k, v, attn_mask=mask, kernel=kernel)
+    ref = reference_attention(q, k, v, mask=keep)
+    assert rel_err(out, ref) < 1e-5
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for g_, r in zip(grads, ref_grads):
+        assert rel_err(g_, r) < 1e-5
+    proven = [e.get("run_time_masks") for e in adaattn_compile.stats().values()]
+    assert any(p and p.get("causal") for p in proven), proven
+
+
+def test_compiled_graph_with_the_mask_as_input():
+    # The mask is an input of the graph (as in a DDP or FSDP2 piece): the pass can't prove it,
+    # the op does, and the result equals SDPA with the mask.
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, L, 32, generator=g) for _ in range(3))
+    mask = causal_bool()
+    out, sites, _, _ = compile_and_run(attn, q, k, v, mask)
+    assert len(sites) == 1 and sites[0].mask == "bool" and not sites[0].causal
+    assert rel_err(out, reference_attention(q, k, v, mask=mask)) < 1e-5
+    assert sites[0].runtime().get("run_time_masks") == {"causal": 1}
