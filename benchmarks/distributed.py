@@ -41,6 +41,8 @@ PARALLEL = ("none", "ddp", "fsdp2")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parallel", choices=PARALLEL, default="ddp")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: a GPU a process (NCCL) where there are enough, else CPU (gloo)")
     p.add_argument("--model", default="gpt", help="a model of `adaattn bench --list-models`")
     p.add_argument("--scale", choices=("real", "tiny"), default="real")
     p.add_argument("--layers", type=int, default=None, help="override the model's layer count")
@@ -73,9 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Setting up one rank
 # --------------------------------------------------------------------------------------------
 
-def init() -> str:
+def init(device: str = "auto") -> str:
     """Joins the process group; the device this rank trains on."""
-    if torch.cuda.is_available():
+    if device == "auto":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        device = ("cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
+                  else "cpu")
+    if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
@@ -402,7 +408,7 @@ def main(argv=None) -> int:
         print(table(args.table))
         return 0
     import adaattn_compile  # noqa: F401  (registers the backend)
-    device = init()
+    device = init(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.parallel == "none" and world > 1:
         raise SystemExit("--parallel none runs one process (torchrun --nproc_per_node=1)")

@@ -1,6 +1,7 @@
-"""A compiled model trains under DDP and FSDP2 (torchrun, 2 processes, gloo on CPU) with the
-same losses, gradients and parameters as the uncompiled run, and attention rewritten in the
-graph pieces: benchmarks/distributed.py, which the GPU run uses with NCCL."""
+"""A compiled model trains under DDP and FSDP2 (torchrun, 2 processes, gloo on the CPU, also on
+a GPU machine) with the same losses, gradients and parameters as the uncompiled run, and
+attention rewritten in the graph pieces: benchmarks/distributed.py, which the two-GPU runs
+use with NCCL."""
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def test_training_under(parallel, tmp_path):
     # GPT-2-small widths with 2 layers: ~100 MB of parameters, several 25 MB DDP buckets.
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(SCRIPT), "--parallel", parallel, "--model", "gpt", "--layers", "2", "--seq", "32",
+         str(SCRIPT), "--device", "cpu", "--parallel", parallel, "--model", "gpt", "--layers", "2", "--seq", "32",
          "--batch", "2", "--check-steps", "3", "--steps", "2", "--warmup", "1",
          "--compilers", "eager,adaattn", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=400)
