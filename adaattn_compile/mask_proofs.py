@@ -12,6 +12,9 @@ skipped) and reads L² mask entries per head.
 So the op checks such a mask once: the check reads the mask and waits for the answer (one
 device sync), and the answer is kept for that tensor object and its version counter (an
 in-place write bumps it), so that the other layers of the step, and the backward, reuse it.
+A causal mask runs as ``is_causal``; the causal mask of a padded batch (causal AND a per-key
+mask, as transformers builds it) runs as ``is_causal`` with the (B, 1, 1, L) key mask, which
+the kernels read as a vector per tile.
 Only masks of shape (.., L, L) with L >= MIN_LEN are checked (there a causal skip halves the
 work); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
 (they keep no version counter).
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -43,18 +46,46 @@ def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
     return mask.dtype == torch.bool or mask.is_floating_point()
 
 
-def run_time_kind(mask: Optional[torch.Tensor], lq: int, lk: int) -> Optional[str]:
-    """'causal' if ``mask`` is SDPA's top-left causal mask (bool keep-mask, or additive with 0
-    kept and very negative dropped), 'none' if it masks nothing, else None (also for masks not
-    checked, see the module doc)."""
+def _prove(mask: torch.Tensor, n: int) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+    """(kind, key mask) of an (.., n, n) mask, see :func:`run_time_kind`."""
+    from .passes.match import VERY_NEGATIVE, causal_kind
+    kind = causal_kind(mask, n, n, True if mask.dtype == torch.bool else None)
+    if kind is not None:
+        return kind, None
+    # causal AND a per-key mask (HF's causal mask of a padded batch: keep[b, i, j] = j <= i and
+    # not padding[b, j]): the last query row sees every key under a causal mask, so it *is*
+    # the key mask
+    tril = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    keys = mask[..., -1:, :]
+    if mask.dtype == torch.bool:
+        proven = bool((mask == (tril & keys)).all())
+    else:
+        dropped = mask <= VERY_NEGATIVE
+        proven = bool(torch.where(tril, mask == keys, dropped).all())
+        # ... and every row keeps a key under the diagonal: a row with only very negative
+        # values would spread its weight over the keys above the diagonal too (eager's
+        # softmax of equal values), which the causal run leaves out
+        proven = proven and bool(
+            (torch.where(tril, mask, float("-inf")).amax(-1) > VERY_NEGATIVE).all())
+    if not proven:
+        return None, None
+    return "causal+keys", keys.contiguous()
+
+
+def run_time_kind(mask: Optional[torch.Tensor], lq: int,
+                  lk: int) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+    """(kind, mask to run with): 'causal' if ``mask`` is SDPA's top-left causal mask (bool
+    keep-mask, or additive with 0 kept and very negative dropped) and 'none' if it masks
+    nothing (no mask to run with); 'causal+keys' if it is the causal mask AND a per-key mask,
+    which comes back as a (.., 1, Lk) tensor to run with is_causal; (None, None) otherwise
+    (also for masks not checked, see the module doc)."""
     if mask is None or not _checkable(mask, lq, lk):
-        return None
+        return None, None
     key, version = id(mask), mask._version
     entry = _proofs.get(key)
     if entry is not None and entry[0]() is mask and entry[1] == version:
-        return entry[2]
-    from .passes.match import causal_kind
-    kind = causal_kind(mask, lq, lk, True if mask.dtype == torch.bool else None)
+        return entry[2], entry[3]
+    kind, keys = _prove(mask, lq)
     with _lock:
         if len(_proofs) >= _MAX_ENTRIES:
             # drop the dead entries first, then the oldest
@@ -62,8 +93,9 @@ def run_time_kind(mask: Optional[torch.Tensor], lq: int, lk: int) -> Optional[st
                 del _proofs[k]
             while len(_proofs) >= _MAX_ENTRIES:
                 del _proofs[next(iter(_proofs))]
-        _proofs[key] = (weakref.ref(mask), version, kind)
-    return kind
+        # (the key mask is a small copy: it keeps no reference to the mask itself)
+        _proofs[key] = (weakref.ref(mask), version, kind, keys)
+    return kind, keys
 
 
 def clear() -> None:

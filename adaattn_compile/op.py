@@ -251,14 +251,15 @@ def _flash_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, en
 
 def _drop_proven_mask(site, attn_mask, q, k):
     """(mask, is_causal) to run with: a run-time mask proven causal becomes ``is_causal``
-    (blocks above the diagonal skipped, no mask read), one that masks nothing goes; the
-    result is the same (see :mod:`.mask_proofs`). ``site`` None: not counted (backward)."""
-    kind = mask_proofs.run_time_kind(attn_mask, q.shape[-2], k.shape[-2])
+    (blocks above the diagonal skipped, no mask read), causal AND a key mask becomes
+    ``is_causal`` with the (.., 1, Lk) key mask, one that masks nothing goes; the result is
+    the same (see :mod:`.mask_proofs`). ``site`` None: not counted (backward)."""
+    kind, keys = mask_proofs.run_time_kind(attn_mask, q.shape[-2], k.shape[-2])
     if kind is None:
         return attn_mask, False
     if site is not None:
         stats.record_mask_proof(site, kind)
-    return None, kind == "causal"
+    return keys, kind != "none"
 
 
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,

@@ -16,6 +16,16 @@ def causal_bool(b=2, lq=L, lk=L):
     return torch.ones(lq, lk, dtype=torch.bool).tril().expand(b, 1, lq, lk).contiguous()
 
 
+def padded_causal(pads, right=False):
+    """HF's causal mask of a padded batch: j <= i and key j is not padding (left padding by
+    default: the first pads[b] keys of row b)."""
+    keys = torch.ones(len(pads), 1, 1, L, dtype=torch.bool)
+    for b, n in enumerate(pads):
+        if n:
+            keys[b, ..., (L - n if right else 0):(L if right else n)] = False
+    return torch.ones(L, L, dtype=torch.bool).tril() & keys, keys
+
+
 def additive(keep, dtype=torch.float32, fill=None):
     fill = torch.finfo(dtype).min if fill is None else fill
     return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, fill)
@@ -40,17 +50,30 @@ def _fresh():
     (lambda: torch.ones(2, 1, L, L + 1, dtype=torch.bool).tril(), None),   # Lq != Lk
     (lambda: torch.ones(2, 1, 1, L, dtype=torch.bool), None),              # a padding row
     (lambda: additive(causal_bool()).requires_grad_(), None),              # needs its gradient
+    (lambda: padded_causal([0, 5])[0], "causal+keys"),                     # left padding
+    (lambda: additive(padded_causal([3, 0], right=True)[0]), "causal+keys"),
+    # additive, left padding: the padded query rows hold only very negative values, which
+    # eager spreads over every key (the causal run would not)
+    (lambda: additive(padded_causal([0, 5])[0], fill=-1e9), None),
+    (lambda: padded_causal([0, 5])[0] & causal_bool(2).transpose(-1, -2), None),  # a diagonal
 ], ids=["bool", "additive-min", "additive-inf-fp16", "all-true", "all-zero", "upper",
-        "bias", "short", "lq-ne-lk", "row", "requires-grad"])
+        "bias", "short", "lq-ne-lk", "row", "requires-grad", "bool-padded", "additive-padded",
+        "additive-left-padded", "diagonal"])
 def test_run_time_kind(make, expected):
     mask = make()
-    assert mask_proofs.run_time_kind(mask, mask.shape[-2], mask.shape[-1]) == expected
+    kind, keys = mask_proofs.run_time_kind(mask, mask.shape[-2], mask.shape[-1])
+    assert kind == expected
+    if kind == "causal+keys":
+        assert keys.shape == mask.shape[:-2] + (1, L)
+        assert torch.equal(keys, mask[..., -1:, :])
+    else:
+        assert keys is None
 
 
 def test_inference_tensors_are_not_checked():
     with torch.inference_mode():
         mask = causal_bool()
-    assert mask_proofs.run_time_kind(mask, L, L) is None
+    assert mask_proofs.run_time_kind(mask, L, L) == (None, None)
 
 
 def test_one_check_per_tensor_and_version(monkeypatch):
@@ -59,13 +82,13 @@ def test_one_check_per_tensor_and_version(monkeypatch):
     monkeypatch.setattr(match, "causal_kind", lambda *a: calls.append(1) or real(*a))
     mask = causal_bool()
     for _ in range(3):
-        assert mask_proofs.run_time_kind(mask, L, L) == "causal"
+        assert mask_proofs.run_time_kind(mask, L, L)[0] == "causal"
     assert len(calls) == 1
     mask[0, 0, 0, 5] = True          # an in-place write: the proof no longer holds
-    assert mask_proofs.run_time_kind(mask, L, L) is None
+    assert mask_proofs.run_time_kind(mask, L, L)[0] is None
     assert len(calls) == 2
     other = causal_bool()            # equal values, another tensor: checked on its own
-    assert mask_proofs.run_time_kind(other, L, L) == "causal"
+    assert mask_proofs.run_time_kind(other, L, L)[0] == "causal"
     assert len(calls) == 3
 
 
@@ -85,6 +108,23 @@ def test_op_runs_a_run_time_causal_mask_as_causal(kernel, mask_type):
         assert rel_err(g_, r) < 1e-5
     proven = [e.get("run_time_masks") for e in adaattn_compile.stats().values()]
     assert any(p and p.get("causal") for p in proven), proven
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_op_runs_a_padded_causal_mask_as_causal_with_key_mask(kernel):
+    # left padding: the padded query rows of batch 1 have no key at all (output 0, as SDPA)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, L, 16, generator=g).requires_grad_() for _ in range(3))
+    mask, _ = padded_causal([0, 7])
+    out = adaattn_compile.attention(q, k, v, attn_mask=mask, kernel=kernel)
+    ref = reference_attention(q, k, v, mask=mask)
+    assert rel_err(out, ref) < 1e-5 and float(out[1, :, :7].abs().max()) == 0.0
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for g_, r in zip(grads, ref_grads):
+        assert rel_err(g_, r) < 1e-5
+    proven = [e.get("run_time_masks") for e in adaattn_compile.stats().values()]
+    assert any(p and p.get("causal+keys") for p in proven), proven
 
 
 def test_compiled_graph_with_the_mask_as_input():
