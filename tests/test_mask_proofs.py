@@ -139,3 +139,22 @@ def test_compiled_graph_with_the_mask_as_input():
     assert len(sites) == 1 and sites[0].mask == "bool" and not sites[0].causal
     assert rel_err(out, reference_attention(q, k, v, mask=mask)) < 1e-5
     assert sites[0].runtime().get("run_time_masks") == {"causal": 1}
+
+
+def test_report_counts_run_time_proofs():
+    assert_expected_inline = pytest.importorskip("expecttest").assert_expected_inline
+    from adaattn_compile.compiler import reset_ids
+
+    def attn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    reset_ids()
+    adaattn_compile.reset_stats()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    report = adaattn_compile.explain(attn, q, k, v, padded_causal([4])[0],
+                                     options={"policy": "exact"})
+    runtime = [line for line in report.format_sites(runtime=True).splitlines()
+               if line.startswith(("  runtime", "  masks"))]
+    assert_expected_inline("\n".join(runtime), """\
+  runtime   calls=1 backward=0 kernel=reference:1 precision=fp32:1 rank=dense:2 demotions=0 error=exact
+  masks     proven at run time, not read: causal+keys:1 calls""")
