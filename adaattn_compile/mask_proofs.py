@@ -1,4 +1,5 @@
-"""Masks that arrive at run time, proven causal (or empty) once per mask tensor.
+"""Masks that arrive at run time, proven causal (or causal AND a key mask, or empty) once per
+mask tensor.
 
 The pass proves a mask causal when the graph builds it from constants (see
 ``passes.match.causal_kind``). A mask that enters the graph as an input can't be proven there:
@@ -9,8 +10,8 @@ sharded block, so every decoder layer's graph receives the mask from the first o
 through the mask, a causal attention does twice the work (no block above the diagonal is
 skipped) and reads L² mask entries per head.
 
-So the op checks such a mask once: the check reads the mask and waits for the answer (one
-device sync), and the answer is kept for that tensor object and its version counter (an
+So the op checks such a mask once: the check reads the mask and waits for the answer (a few
+device syncs, in the first call that sees the tensor), and the answer is kept for that tensor object and its version counter (an
 in-place write bumps it), so that the other layers of the step, and the backward, reuse it.
 A causal mask runs as ``is_causal``; the causal mask of a padded batch (causal AND a per-key
 mask, as transformers builds it) runs as ``is_causal`` with the (B, 1, 1, L) key mask, which
@@ -31,8 +32,8 @@ MIN_LEN = 128
 _MAX_ENTRIES = 16   # distinct live masks remembered (a step passes one or two)
 
 _lock = threading.Lock()
-# id(mask) -> (weakref to the mask, its version when checked, kind); the weakref tells a live
-# object from a new one that reuses a dead one's id
+# id(mask) -> (weakref to the mask, its version when checked, kind, key mask or None); the
+# weakref tells a live object from a new one that reuses a dead one's id
 _proofs: "dict[int, tuple]" = {}
 
 
