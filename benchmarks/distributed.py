@@ -266,11 +266,37 @@ def _profile(step, first: int, path: str, device: str) -> None:
                                           max_name_column_width=70))
 
 
+def _time_training(step, args, device: str, tokens_per_step: int) -> Dict[str, Any]:
+    """First step (compiles), warm-up, then ``args.steps`` timed steps; the slowest rank's."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step(0)
+    _sync(device)
+    row = {"first_step_s": _max_over_ranks(time.perf_counter() - start, device)}
+    for i in range(1, args.warmup):
+        step(i)
+    _sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i)
+    _sync(device)
+    seconds = _max_over_ranks(time.perf_counter() - start, device)
+    world = dist.get_world_size()
+    row.update(step_ms=1e3 * seconds / args.steps,
+               tokens_per_s=world * tokens_per_step * args.steps / seconds,
+               tokens_per_step=world * tokens_per_step)
+    if device.startswith("cuda"):
+        row["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, device)
+    return row
+
+
 def throughput(args, compiler: str, device: str) -> Dict[str, Any]:
     from adaattn_compile.compiler import record_graphs
     from torch._dynamo.utils import counters
     row: Dict[str, Any] = {"compiler": compiler}
-    records: list = []
+    trainer = opt = None
     try:
         trainer = Trainer(args, compiler, args.seq, args.batch, device)
         counters.clear()
@@ -286,30 +312,8 @@ def throughput(args, compiler: str, device: str) -> Dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        recorder = record_graphs()
-        records = recorder.__enter__()
-        start = time.perf_counter()
-        step(0)
-        _sync(device)
-        row["first_step_s"] = _max_over_ranks(time.perf_counter() - start, device)
-        for i in range(1, args.warmup):
-            step(i)
-        _sync(device)
-        dist.barrier()
-        start = time.perf_counter()
-        for i in range(args.steps):
-            step(args.warmup + i)
-        _sync(device)
-        seconds = _max_over_ranks(time.perf_counter() - start, device)
-        world = dist.get_world_size()
-        row.update(step_ms=1e3 * seconds / args.steps,
-                   tokens_per_s=world * trainer.tokens_per_step * args.steps / seconds,
-                   tokens_per_step=world * trainer.tokens_per_step)
-        if device.startswith("cuda"):
-            row["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, device)
-        recorder.__exit__(None, None, None)
+        with record_graphs() as records:
+            row.update(_time_training(step, args, device, trainer.tokens_per_step))
         # Graphs Dynamo captured over the whole run (several: graph breaks or recompiles) and
         # the attention sites adaattn rewrote in them.
         row.update(graphs=int(counters["stats"]["unique_graphs"]),
