@@ -84,6 +84,11 @@ CASES = [
     (2, 4, 4, 1000, 1000, 128, True, "pad-bool", "blhd"),
     (1, 6, 2, 257, 513, 128, True, "head-bias", "blhd"),
     (2, 8, 8, 1100, 1100, 64, True, "head-bias", "bhld"),
+    # causal D = 64 on two warpgroups (paired persistent tiles): plain, GQA + padding bias,
+    # MQA with Lq < Lk and a bool padding row
+    (2, 8, 8, 2048, 2048, 64, True, None, "blhd"),
+    (2, 16, 4, 1500, 1500, 64, True, "pad-bias", "bhld"),
+    (2, 8, 1, 515, 777, 64, True, "pad-bool", "blhd"),
 ]
 
 
@@ -118,9 +123,11 @@ def test_sm90_forward_matches_float64(case, dtype):
     assert _rel(out, ref) < tol
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
-    assert (lse[finite] - ref_lse[finite]).abs().max().item() < 2e-2
+    if finite.any():   # (a batch whose keys are all masked has no finite lse)
+        assert (lse[finite] - ref_lse[finite]).abs().max().item() < 2e-2
     # the public entry point takes the same path (where the planner routes it there)
-    if flash._use_sm90(q, k, v, scale, causal):
+    has_mask, _, row_bcast, col_bcast = ms[2:]
+    if flash._use_sm90(q, k, v, scale, causal, has_mask and (row_bcast or col_bcast)):
         out2, _ = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
         assert torch.equal(out2, out)
 
@@ -159,7 +166,7 @@ def test_sm90_scale_and_repeatability():
         assert torch.equal(out, again)  # no race: bitwise the same on the same inputs
 
 
-def test_unsupported_reasons():
+def test_unsupported_reasons(monkeypatch):
     cap = (9, 0)
     q = torch.randn(1, 2, 8, 64)
     reason = flash_hopper.unsupported(q, q, q, 0.125, cap)
@@ -173,9 +180,26 @@ def test_unsupported_reasons():
         assert flash_hopper.unsupported(g, g, g, -1.0, cap) == "scale <= 0"
         odd = torch.randn(1, 2, 8, 65, device="cuda", dtype=torch.float16)[..., :64]
         assert "aligned" in flash_hopper.unsupported(odd, g, g, 0.125, cap)
+        monkeypatch.delenv("ADAATTN_SM90_CAUSAL64", raising=False)
         assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True)
+        # causal D = 64 with a padding row: this kernel (its bias rides on the tensor cores)
+        assert flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True, row_mask=True) is None
+        monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", "0")
+        assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, True, row_mask=True)
+        monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", "1")
+        assert flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True) is None
         g128 = torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)
         assert flash_hopper.unsupported(g128, g128, g128, 0.1, cap, causal=True) is None
+
+
+@pytest.mark.parametrize("flag, row_mask, expected", [
+    ("", False, False), ("", True, True), ("0", True, False), ("1", False, True)])
+def test_causal64_routing(flag, row_mask, expected, monkeypatch):
+    """Causal D = 64 takes the Gluon kernel with a padding row (its bias on the tensor cores),
+    the Triton one without; ADAATTN_SM90_CAUSAL64 forces either way."""
+    monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", flag)
+    assert flash_hopper._causal64(row_mask) is expected
+    assert flash_hopper.config(64, "row" if row_mask else "none", True)[1] == 2   # warpgroups
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -515,8 +515,12 @@ _BASE = {
     (128, "row"): (128, 2, 2, True, 24, 240),
     (128, "tile"): (64, 2, 3, True, 24, 240),
 }
+# Causal D = 64 on two warpgroups: three (160 registers each) ran causal 2k / 4k / 8k at
+# 249 / 367 / 399 TFLOP/s against 351 / 395 / 410 for two (H100, sixth session).
+_CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2)
-            for (d, kind), (bn, wg, st, pp, pr, cr) in _BASE.items() for causal in (False, True)}
+            for (d, kind), base in _BASE.items() for causal in (False, True)
+            for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
 HEAD_DIMS = (64, 128)
 
 
@@ -554,9 +558,10 @@ def tma_aligned(t):
                for n, st in zip(t.shape[:-1], strides[:-1]))
 
 
-def unsupported(q, k, v, scale, capability, causal=False):
+def unsupported(q, k, v, scale, capability, causal=False, row_mask=False):
     """None if :func:`forward` takes these (4-D, already validated by ``flash.supports``)
-    inputs on a device of ``capability``, else a short reason."""
+    inputs on a device of ``capability``, else a short reason. ``row_mask``: the call has a
+    mask broadcast over queries (a padding bias: see :func:`mask_kind`)."""
     if not AVAILABLE:
         return "Gluon (triton >= 3.5) unavailable"
     if _INTERPRET or q.device.type != "cuda":
@@ -568,19 +573,26 @@ def unsupported(q, k, v, scale, capability, causal=False):
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
         return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
-    if D == 64 and causal and os.environ.get("ADAATTN_SM90_CAUSAL64", "") != "1":
+    if D == 64 and causal and not _causal64(row_mask):
         # (checked first: the checks below cost microseconds per call)
-        # no faster than the Triton-language kernel (2026-11-25, H100, bf16, causal 2k / 4k /
-        # 8k: 351 / 395 / 410 TFLOP/s on two warpgroups, 249 / 367 / 399 on three (the
-        # default), Triton 347 / 395 / 425); with a bias it was faster (two warpgroups 334 /
-        # 399 against the Triton kernel's 284 / 335 of an earlier run): a candidate once the
-        # two-warpgroup config has been through the GPU tests
-        return "causal with head dim 64 (the Triton kernel measured as fast)"
+        return "causal with head dim 64 and no row mask (the Triton kernel measured as fast)"
     if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
         return "strides not 16-byte aligned"
     if not scale > 0:
         return "scale <= 0"
     return None
+
+
+def _causal64(row_mask):
+    """Whether causal D = 64 takes this kernel. Unmasked, the Triton-language kernel is as fast
+    (H100, bf16, causal 2k / 4k / 8k: 351 / 395 / 410 TFLOP/s on two warpgroups, Triton 347 /
+    395 / 425); with a padding bias it is not (ours 334 / 399 on two warpgroups, the Triton
+    kernel 284 / 335: its bias costs a fifth, ours rides on the tensor cores), so row-masked
+    calls come here. ``ADAATTN_SM90_CAUSAL64``: ``1`` every causal D = 64 call, ``0`` none."""
+    flag = os.environ.get("ADAATTN_SM90_CAUSAL64", "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return row_mask
 
 
 def tma_strides(t):
