@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.fx as fx
 
-from . import op
+from . import mask_proofs, op
 from .passes import mha
 from .options import Options
 from .passes.graph_utils import hint, location, meta
@@ -38,6 +38,7 @@ def reset_ids() -> None:
     from .passes import rewrite
     _graph_ids = itertools.count()
     rewrite._site_ids = itertools.count()
+    mask_proofs.clear()   # (what it learnt per site belongs to the sites numbered before)
 
 
 def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecord:

@@ -19,9 +19,22 @@ the kernels read as a vector per tile.
 Only masks of shape (.., L, L) with L >= MIN_LEN are checked (there a causal skip halves the
 work); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
 (they keep no version counter).
+
+A mask built anew every call (T5's position bias, a padding mask) is a new tensor every call,
+so the check would run every call. Two things keep that cheap where nothing can be proven:
+the first query row is screened first (one row per batch and head, one sync: a provable
+mask's first row keeps every key or none but the first), and a site whose masks failed
+GIVE_UP times in a row stops checking (T5 at L = 4096 read its (1, 8, L, L) bias several
+times a call and lost to stock: 0.66x, H100, eighth session). And a call whose attention is
+small (under MIN_GFLOPS of forward work) is not checked at all: the check's host time and
+syncs cost more than a masked kernel of that size (all-MiniLM-L6-v2 at L = 512, where every
+layer's mask is a tensor of its own and was proven empty six times a call: 4.41 ms against
+2.30 unchecked, stock 1.68; H100, eighth session). ``ADAATTN_RUN_TIME_MASKS=0`` turns the
+checks off; ``ADAATTN_RUN_TIME_MASKS_MIN_GFLOPS`` moves the bar.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -29,12 +42,23 @@ from typing import Optional, Tuple
 import torch
 
 MIN_LEN = 128
+GIVE_UP = 2          # unprovable masks in a row after which a site stops checking
+# Forward FLOPs (4 B H Lq Lk D) under which a call is not checked: Llama-1B's layer at B = 1,
+# L = 2048 does 34 GFLOP (the mask, shared by its layers, proven once a step); BERT-base at
+# L = 512 does 0.8
+MIN_GFLOPS = float(os.environ.get("ADAATTN_RUN_TIME_MASKS_MIN_GFLOPS", "16") or 16)
 _MAX_ENTRIES = 16   # distinct live masks remembered (a step passes one or two)
 
 _lock = threading.Lock()
 # id(mask) -> (weakref to the mask, its version when checked, kind, key mask or None); the
 # weakref tells a live object from a new one that reuses a dead one's id
 _proofs: "dict[int, tuple]" = {}
+# site -> masks in a row found not provable there
+_misses: "dict[str, int]" = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("ADAATTN_RUN_TIME_MASKS", "") not in ("0", "false", "False", "no")
 
 
 def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
@@ -45,6 +69,21 @@ def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
     if mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return mask.dtype == torch.bool or mask.is_floating_point()
+
+
+def _first_row_allows(mask: torch.Tensor) -> bool:
+    """Whether the first query row of every (batch, head) could belong to a provable mask: it
+    keeps every key ('none') or no key but the first (causal, causal AND a key mask), and an
+    additive mask holds only 0 and very negative values there. One row read, one sync."""
+    from .passes.match import VERY_NEGATIVE
+    row = mask[..., 0, :]
+    if mask.dtype == torch.bool:
+        keep, valid = row, None
+    else:
+        keep = row == 0
+        valid = (keep | (row <= VERY_NEGATIVE)).all()
+    ok = keep.all() | ~keep[..., 1:].any()
+    return bool(ok if valid is None else ok & valid)
 
 
 def _prove(mask: torch.Tensor, n: int) -> Tuple[Optional[str], Optional[torch.Tensor]]:
@@ -73,21 +112,36 @@ def _prove(mask: torch.Tensor, n: int) -> Tuple[Optional[str], Optional[torch.Te
     return "causal+keys", keys.contiguous()
 
 
-def run_time_kind(mask: Optional[torch.Tensor], lq: int,
-                  lk: int) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+def run_time_kind(mask: Optional[torch.Tensor], lq: int, lk: int,
+                  site: Optional[str] = None) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+    """:func:`check` without its third value."""
+    return check(mask, lq, lk, site)[:2]
+
+
+def check(mask: Optional[torch.Tensor], lq: int, lk: int, site: Optional[str] = None,
+          flops: Optional[float] = None) -> Tuple[Optional[str], Optional[torch.Tensor], bool]:
     """(kind, mask to run with): 'causal' if ``mask`` is SDPA's top-left causal mask (bool
     keep-mask, or additive with 0 kept and very negative dropped) and 'none' if it masks
     nothing (no mask to run with); 'causal+keys' if it is the causal mask AND a per-key mask,
     which comes back as a (.., 1, Lk) tensor to run with is_causal; (None, None) otherwise
-    (also for masks not checked, see the module doc)."""
-    if mask is None or not _checkable(mask, lq, lk):
-        return None, None
+    (also for masks not checked, see the module doc); third: whether this call checked the
+    mask and found it not provable. ``site``: the attention site asking; one that has seen
+    GIVE_UP unprovable masks in a row checks no more. ``flops``: the call's forward work; a
+    call under MIN_GFLOPS is not checked (a proof kept for this tensor still counts)."""
+    if mask is None or not _checkable(mask, lq, lk) or not enabled():
+        return None, None, False
     key, version = id(mask), mask._version
     entry = _proofs.get(key)
     if entry is not None and entry[0]() is mask and entry[1] == version:
-        return entry[2], entry[3]
-    kind, keys = _prove(mask, lq)
+        return entry[2], entry[3], False
+    if site is not None and _misses.get(site, 0) >= GIVE_UP:
+        return None, None, False
+    if flops is not None and flops < MIN_GFLOPS * 1e9:
+        return None, None, False
+    kind, keys = _prove(mask, lq) if _first_row_allows(mask) else (None, None)
     with _lock:
+        if site is not None:
+            _misses[site] = _misses.get(site, 0) + 1 if kind is None else 0
         if len(_proofs) >= _MAX_ENTRIES:
             # drop the dead entries first, then the oldest
             for k in [k for k, e in _proofs.items() if e[0]() is None]:
@@ -96,9 +150,15 @@ def run_time_kind(mask: Optional[torch.Tensor], lq: int,
                 del _proofs[next(iter(_proofs))]
         # (the key mask is a small copy: it keeps no reference to the mask itself)
         _proofs[key] = (weakref.ref(mask), version, kind, keys)
-    return kind, keys
+    return kind, keys, kind is None
+
+
+def given_up(site: str) -> bool:
+    """Whether ``site`` has stopped checking its masks (GIVE_UP unprovable in a row)."""
+    return _misses.get(site, 0) >= GIVE_UP
 
 
 def clear() -> None:
     with _lock:
         _proofs.clear()
+        _misses.clear()

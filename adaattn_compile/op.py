@@ -249,15 +249,18 @@ def _flash_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, en
 # The operator's kernels: plain functions, registered below autograd (and called straight
 # from the Autograd kernel when nothing else sits in between).
 
-def _drop_proven_mask(site, attn_mask, q, k):
+def _drop_proven_mask(site, attn_mask, q, k, count=True):
     """(mask, is_causal) to run with: a run-time mask proven causal becomes ``is_causal``
     (blocks above the diagonal skipped, no mask read), causal AND a key mask becomes
     ``is_causal`` with the (.., 1, Lk) key mask, one that masks nothing goes; the result is
-    the same (see :mod:`.mask_proofs`). ``site`` None: not counted (backward)."""
-    kind, keys = mask_proofs.run_time_kind(attn_mask, q.shape[-2], k.shape[-2])
+    the same (see :mod:`.mask_proofs`). ``count`` False: not counted (backward)."""
+    flops = 4.0 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
+    kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops)
     if kind is None:
+        if missed and count:
+            stats.record_mask_miss(site)
         return attn_mask, False
-    if site is not None:
+    if count:
         stats.record_mask_proof(site, kind)
     return keys, kind != "none"
 
@@ -313,7 +316,7 @@ def attention_backward_impl(grad_out, q, k, v, attn_mask, out, lse, seed, dropou
                             scale, enable_gqa, site, policy, kernel, mask_needs_grad):
     """The backward of ``adaattn::attention``: -> (dq, dk, dv, dmask or an empty tensor)."""
     if attn_mask is not None and not is_causal and not mask_needs_grad:
-        attn_mask, is_causal = _drop_proven_mask(None, attn_mask, q, k)
+        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, count=False)
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     stats.record_backward(site)
     grads = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional, Tuple
 
-from . import stats as _stats
+from . import mask_proofs, stats as _stats
 from .options import Options
 
 
@@ -136,6 +136,12 @@ class Report:
                     if proven:
                         lines.append(f"  masks     proven at run time, not read: "
                                      f"{_counts(proven)} calls")
+                    misses = rt.get("run_time_mask_misses")
+                    if misses:
+                        stopped = (", checks stopped" if mask_proofs.given_up(site.id)
+                                   else "")
+                        lines.append(f"  masks     checked at run time, not provable: "
+                                     f"{misses} calls{stopped}")
                     for reason in rt["fallbacks"]:
                         lines.append(f"  fallback  {reason}")
         return "\n".join(lines)

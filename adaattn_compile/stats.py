@@ -32,6 +32,9 @@ def _new_entry() -> Dict[str, Any]:
         # masks that arrived at run time and were proven causal / empty (see mask_proofs):
         # "causal" or "none" -> calls that ran without reading them
         "run_time_masks": collections.Counter(),
+        # run-time masks checked and found not provable (the site stops checking after
+        # mask_proofs.GIVE_UP of them in a row)
+        "run_time_mask_misses": 0,
     }
 
 
@@ -62,6 +65,11 @@ def record_backward(site: str) -> None:
 def record_mask_proof(site: str, kind: str) -> None:
     with _lock:
         _entry(site)["run_time_masks"][kind] += 1
+
+
+def record_mask_miss(site: str) -> None:
+    with _lock:
+        _entry(site)["run_time_mask_misses"] += 1
 
 
 def record_fallback(site: str, reason: str) -> None:

@@ -32,7 +32,8 @@ def additive(keep, dtype=torch.float32, fill=None):
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
+    monkeypatch.setattr(mask_proofs, "MIN_GFLOPS", 0.0)   # these calls are small
     mask_proofs.clear()
     yield
     mask_proofs.clear()
@@ -84,12 +85,70 @@ def test_one_check_per_tensor_and_version(monkeypatch):
     for _ in range(3):
         assert mask_proofs.run_time_kind(mask, L, L)[0] == "causal"
     assert len(calls) == 1
-    mask[0, 0, 0, 5] = True          # an in-place write: the proof no longer holds
+    mask[0, 0, 5, 9] = True          # an in-place write: the proof no longer holds
     assert mask_proofs.run_time_kind(mask, L, L)[0] is None
     assert len(calls) == 2
     other = causal_bool()            # equal values, another tensor: checked on its own
     assert mask_proofs.run_time_kind(other, L, L)[0] == "causal"
     assert len(calls) == 3
+
+
+def diagonal(b=2):
+    """Passes the first-row screen (row 0 keeps key 0 only), fails the proof."""
+    return torch.eye(L, dtype=torch.bool).expand(b, 1, L, L).contiguous()
+
+
+def test_first_row_screen_spares_the_full_check(monkeypatch):
+    proofs = []
+    real = mask_proofs._prove
+    monkeypatch.setattr(mask_proofs, "_prove", lambda *a: proofs.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    t5_bias = torch.randn(1, 4, L, L, generator=g)      # a position bias: no row is 0 / -inf
+    assert mask_proofs.check(t5_bias, L, L) == (None, None, True)
+    assert proofs == []
+    assert mask_proofs.check(diagonal(), L, L) == (None, None, True)
+    assert proofs == [1]
+
+
+def test_a_site_stops_checking_after_unprovable_masks():
+    site = "s-test"
+    for _ in range(mask_proofs.GIVE_UP):
+        assert not mask_proofs.given_up(site)
+        assert mask_proofs.check(diagonal(), L, L, site) == (None, None, True)
+    assert mask_proofs.given_up(site)
+    # given up: not even a causal mask is checked there (it runs as read: slower, same result)
+    assert mask_proofs.check(causal_bool(), L, L, site) == (None, None, False)
+    assert mask_proofs.check(causal_bool(), L, L, "s-other")[0] == "causal"
+    mask_proofs.clear()
+    assert mask_proofs.check(causal_bool(), L, L, site)[0] == "causal"
+
+
+def test_a_proof_resets_the_misses():
+    site = "s-test"
+    for _ in range(3 * mask_proofs.GIVE_UP):
+        assert mask_proofs.check(diagonal(), L, L, site)[2]
+        assert mask_proofs.check(causal_bool(), L, L, site)[0] == "causal"
+    assert not mask_proofs.given_up(site)
+
+
+def test_small_calls_are_not_checked(monkeypatch):
+    monkeypatch.setattr(mask_proofs, "MIN_GFLOPS", 1.0)
+    mask = causal_bool()
+    assert mask_proofs.check(mask, L, L, "s-test", flops=0.9e9) == (None, None, False)
+    assert mask_proofs.check(mask, L, L, "s-test", flops=1.0e9)[0] == "causal"
+    # proven once (by a large call), the proof holds for a small call with the same tensor
+    assert mask_proofs.check(mask, L, L, "s-test", flops=1.0)[0] == "causal"
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))   # 4.2 MFLOP
+    adaattn_compile.reset_stats()
+    adaattn_compile.attention(q, k, v, attn_mask=causal_bool(1), kernel="reference")
+    entry, = adaattn_compile.stats().values()
+    assert not entry["run_time_masks"] and not entry["run_time_mask_misses"]
+
+
+def test_switched_off(monkeypatch):
+    monkeypatch.setenv("ADAATTN_RUN_TIME_MASKS", "0")
+    assert mask_proofs.check(causal_bool(), L, L) == (None, None, False)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
@@ -147,17 +206,21 @@ def test_report_counts_run_time_proofs():
 
     def attn(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    reset_ids()
-    adaattn_compile.reset_stats()
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
-    report = adaattn_compile.explain(attn, q, k, v, padded_causal([4])[0],
-                                     options={"policy": "exact"})
-    runtime = [line for line in report.format_sites(runtime=True).splitlines()
-               if line.startswith(("  runtime", "  masks"))]
-    assert_expected_inline("\n".join(runtime), """\
+
+    def runtime_lines(mask):
+        reset_ids()
+        adaattn_compile.reset_stats()
+        report = adaattn_compile.explain(attn, q, k, v, mask, options={"policy": "exact"})
+        return "\n".join(line for line in report.format_sites(runtime=True).splitlines()
+                         if line.startswith(("  runtime", "  masks")))
+    assert_expected_inline(runtime_lines(padded_causal([4])[0]), """\
   runtime   calls=1 backward=0 kernel=reference:1 precision=fp32:1 rank=dense:2 demotions=0 error=exact
   masks     proven at run time, not read: causal+keys:1 calls""")
+    assert_expected_inline(runtime_lines(diagonal(1)), """\
+  runtime   calls=1 backward=0 kernel=reference:1 precision=fp32:1 rank=dense:2 demotions=0 error=exact
+  masks     checked at run time, not provable: 1 calls""")
 
 
 @pytest.mark.gpu
