@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
+import operator
 import threading
 import time
 import warnings
@@ -16,6 +18,7 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import mask_proofs, op
 from .passes import mha
@@ -54,7 +57,10 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecor
             site_id = new_site_id()
             call = rewrite_site(gm, m, site_id, options.policy, options.kernel, replaced)
             op.register_site(site_id, options)
-            record.sites.append(_describe_site(m, call, site_id, name, options))
+            site = _describe_site(m, call, site_id, name, options)
+            if site.decision.kernel == "sdpa":
+                _to_torch_sdpa(gm, call, replaced)
+            record.sites.append(site)
             dead += m.chain + [m.out_node]
         for node in list(gm.graph.nodes):
             if not mha.is_mha(node):
@@ -127,14 +133,43 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
     problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported)
     info = op.device_info(q.device) if q.device.type != "meta" else op.planner.DeviceInfo("meta")
     chosen = op.planner.plan(info, problem, options)
+    decision = Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
+                        chosen.reason, site_id)
+    if not dynamic and info.type == "cuda":
+        gflops = (4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
+                  / (2 if m.causal else 1) / 1e9)
+        sdpa_takes_it = m.dropout_p == 0 and (mask is None or mask.dtype in (torch.bool, q.dtype))
+        why = op.planner.small_call(info, problem, options, gflops, sdpa_takes_it)
+        if why is not None:
+            decision = Decision("sdpa", chosen.precision, "dense", chosen.guards, why, site_id)
     return Site(
         id=site_id, graph=graph, pattern=m.pattern, location=m.location,
         q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
         dtype=str(q.dtype).replace("torch.", ""), causal=m.causal, mask=op.mask_kind(mask),
         scale=m.scale, dropout_p=m.dropout_p, gqa_groups=m.gqa_groups,
-        decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
-                          chosen.reason, site_id),
-        notes=tuple(m.notes), dynamic=dynamic)
+        decision=decision, notes=tuple(m.notes), dynamic=dynamic)
+
+
+def _to_torch_sdpa(gm: fx.GraphModule, call: fx.Node, replaced: dict) -> None:
+    """Swap an op call just inserted for torch's SDPA on the same (q, k, v, mask, ...): the
+    site is too small for our op (see planner.small_call). Inductor then treats it as stock
+    torch.compile would."""
+    q, k, v, mask, dropout_p, causal, scale, gqa = call.args[:8]
+    kwargs = {"attn_mask": mask, "dropout_p": dropout_p, "is_causal": causal, "scale": scale}
+    if gqa:
+        kwargs["enable_gqa"] = True
+    with gm.graph.inserting_before(call):
+        sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
+    for user in list(call.users):
+        if not (user.target is operator.getitem and user.args[1] == 0):
+            raise RuntimeError(f"unexpected use of the op's results: {user.format_node()}")
+        sdpa.meta.update(user.meta)   # (out's fake value, stack trace, module stack)
+        user.replace_all_uses_with(sdpa)
+        for key, value in replaced.items():
+            if value is user:
+                replaced[key] = sdpa
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(call)
 
 
 def _describe_mha(m, site_id: str, graph: str, options: Options) -> Site:

@@ -15,6 +15,12 @@ DEFAULT_TOLERANCE = {"exact": 0.0, "balanced": 1e-2, "fast": 3e-2}
 # Below this many keys every site takes the exact path (issue 5 sets it from the measured
 # low-rank crossover; until then it only guards future approximate paths).
 DEFAULT_MIN_SEQ_LEN = 1024
+# Forward GFLOP (4 B H Lq Lk D, halved when causal) under which a CUDA site with static shapes
+# stays torch's SDPA: our op's host cost per call (tens of microseconds) outweighs what its
+# kernels save on calls this small (all-MiniLM-L6-v2 at L = 512, 0.4 GFLOP a call: 0.81x
+# stock; GPT at L = 1024, 1.6: 0.83x; Llama-1B's 4.3 at L = 1024 already gains: 1.28x; H100,
+# eighth session).
+DEFAULT_SMALL_CALL_GFLOPS = 2.0
 
 
 class OptionError(ValueError):
@@ -39,6 +45,7 @@ class Options:
     precision: str = "auto"
     rank: Any = "auto"  # "auto", "dense", or a positive int to force a rank
     kernel: str = "auto"
+    small_call_gflops: float = DEFAULT_SMALL_CALL_GFLOPS
 
     @staticmethod
     def parse(options: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
@@ -75,8 +82,14 @@ class Options:
         if kernel not in KERNELS:
             raise OptionError(f"adaattn: bad value {kernel!r} for option 'kernel'; "
                               f"allowed: {', '.join(KERNELS)}")
-        return Options(policy, float(tolerance), min_seq_len, inner, precision, rank, kernel)
+        small = raw.get("small_call_gflops", DEFAULT_SMALL_CALL_GFLOPS)
+        if isinstance(small, bool) or not isinstance(small, (int, float)) or not small >= 0:
+            raise OptionError(f"adaattn: bad value {small!r} for option 'small_call_gflops'; "
+                              "allowed: a number >= 0 (0: every site through our op)")
+        return Options(policy, float(tolerance), min_seq_len, inner, precision, rank, kernel,
+                       float(small))
 
     def describe(self) -> str:
         return (f"policy={self.policy} tolerance={self.tolerance:g} min_seq_len={self.min_seq_len} "
-                f"inner={self.inner} precision={self.precision} rank={self.rank} kernel={self.kernel}")
+                f"inner={self.inner} precision={self.precision} rank={self.rank} kernel={self.kernel} "
+                f"small_call_gflops={self.small_call_gflops:g}")

@@ -44,7 +44,7 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    kernel: str                 # "triton" | "reference"
+    kernel: str                 # "triton" | "reference" ("sdpa": see small_call)
     precision: str              # "fp32" | "tf32" | "bf16" | "fp16" | "fp64"
     rank: str                   # "dense" (low-rank: issue 5)
     seq_bucket: int
@@ -78,6 +78,21 @@ def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
         guards.append(f"k_len<{options.min_seq_len}: exact")
     return Plan(kernel=kernel, precision=precision, rank="dense", seq_bucket=bucket,
                 guards=tuple(guards), reason=reason)
+
+
+def small_call(device: DeviceInfo, problem: Problem, options: Options, gflops: float,
+               sdpa_takes_it: bool) -> Optional[str]:
+    """Compile time, static shapes: why a site should stay torch's SDPA rather than become our
+    op, or None. Only where our Triton kernel would run it (CUDA, kernel 'auto') and the call
+    does under ``options.small_call_gflops`` of forward work: there torch's SDPA (cuDNN,
+    FlashAttention) runs it as fast, and our op's host cost per call is what remains.
+    ``sdpa_takes_it``: the call's mask and dropout are ones torch's SDPA takes as they are."""
+    if options.kernel != "auto" or not sdpa_takes_it or gflops >= options.small_call_gflops:
+        return None
+    if _choose_kernel(device, problem, options)[0] != "triton":
+        return None
+    return (f"{gflops:.2g} GFLOP a call < small_call_gflops={options.small_call_gflops:g}: "
+            "torch's SDPA, our op's host cost would exceed what its kernel saves")
 
 
 def _choose_kernel(device: DeviceInfo, problem: Problem, options: Options):

@@ -8,6 +8,8 @@ from helpers import compile_and_run, rel_err
 from hf_models import build
 
 pytestmark = pytest.mark.gpu
+# these shapes are small: every site through our kernels (not torch's SDPA, see small_call)
+OURS = {"inner": "inductor", "small_call_gflops": 0}
 
 
 def _to(model, args, kwargs, dtype):
@@ -31,7 +33,7 @@ def test_hf_model_on_gpu_runs_triton_forward_and_training(name, impl, dtype):
     ref = model(*args, **kwargs)[0]
     weight = torch.randn(ref.shape, device="cuda", dtype=dtype)
     ref_grads = torch.autograd.grad((ref.float() * weight).sum(), params, allow_unused=True)
-    out, sites, _, _ = compile_and_run(model, *args, options={"inner": "inductor"}, **kwargs)
+    out, sites, _, _ = compile_and_run(model, *args, options=OURS, **kwargs)
     grads = torch.autograd.grad((out[0].float() * weight).sum(), params, allow_unused=True)
     assert len(sites) == n_attention
     assert all(s.decision.kernel == "triton" for s in sites), [s.decision for s in sites]
@@ -53,6 +55,24 @@ def test_tinygpt_inference_fp16_matches_eager():
     idx = torch.randint(0, 256, (2, 512), device="cuda")
     with torch.no_grad():
         ref = model(idx)
-        out, sites, _, _ = compile_and_run(model, idx, options={"inner": "inductor"})
+        out, sites, _, _ = compile_and_run(model, idx, options=OURS)
     assert len(sites) == 2 and all(s.causal and s.decision.kernel == "triton" for s in sites)
     assert rel_err(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_small_sites_stay_torch_sdpa_on_gpu(impl):
+    """At the default small_call_gflops a small model's sites stay torch's SDPA: no op call."""
+    model, args, kwargs, n_attention = build("gpt2", impl, layers=2, seq=256)
+    model, args, kwargs = _to(model, args, kwargs, torch.float16)
+    model.eval()
+    adaattn_compile.reset_stats()
+    with torch.no_grad():
+        ref = model(*args, **kwargs)[0]
+        out, sites, _, records = compile_and_run(model, *args, options={"inner": "inductor"},
+                                                 **kwargs)
+    assert len(sites) == n_attention
+    assert all(s.decision.kernel == "sdpa" for s in sites), [s.decision for s in sites]
+    assert all("adaattn.attention" not in r.code_after for r in records)
+    assert not any(e["calls"] for e in adaattn_compile.stats().values())
+    assert rel_err(out[0], ref) < 5e-3
