@@ -4,7 +4,9 @@ plans for an sm90 GPU; the graph itself runs on the CPU (torch's SDPA runs anywh
 import pytest
 import torch
 
+import adaattn_compile
 from adaattn_compile import op, planner
+from adaattn_compile.compiler import reset_ids
 from adaattn_compile.options import Options, OptionError
 from helpers import compile_and_run, reference_attention, rel_err
 
@@ -82,3 +84,14 @@ def test_large_calls_and_other_devices_keep_our_op():
 def test_bad_small_call_gflops(bad):
     with pytest.raises(OptionError, match="small_call_gflops"):
         Options.parse(small_call_gflops=bad)
+
+
+def test_report_shows_the_sdpa_decision(planned_for_gpu):
+    assert_expected_inline = pytest.importorskip("expecttest").assert_expected_inline
+    reset_ids()
+    report = adaattn_compile.explain(causal, *_inputs(causal), options={"policy": "exact"})
+    lines = [line for line in report.format_sites().splitlines()
+             if line.startswith(("  decision", "  guards"))]
+    assert_expected_inline("\n".join(lines), """\
+  decision  kernel=sdpa precision=fp32 rank=dense (0.0042 GFLOP a call < small_call_gflops=2: torch's SDPA, our op's host cost would exceed what its kernel saves)
+  guards    device=cuda sm90 dtype=float32 seq_bucket=64 policy=exact capability>=sm80 k_len<1024: exact""")
