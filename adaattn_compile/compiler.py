@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
 import operator
 import threading
 import time
@@ -136,8 +135,7 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
     decision = Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
                         chosen.reason, site_id)
     if not dynamic and info.type == "cuda":
-        gflops = (4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
-                  / (2 if m.causal else 1) / 1e9)
+        gflops = op.planner.forward_flops(q.shape, k.shape[-2], m.causal) / 1e9
         sdpa_takes_it = m.dropout_p == 0 and (mask is None or mask.dtype in (torch.bool, q.dtype))
         why = op.planner.small_call(info, problem, options, gflops, sdpa_takes_it)
         if why is not None:

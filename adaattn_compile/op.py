@@ -254,8 +254,8 @@ def _drop_proven_mask(site, attn_mask, q, k, count=True):
     (blocks above the diagonal skipped, no mask read), causal AND a key mask becomes
     ``is_causal`` with the (.., 1, Lk) key mask, one that masks nothing goes; the result is
     the same (see :mod:`.mask_proofs`). ``count`` False: not counted (backward)."""
-    flops = 4.0 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1]
-    kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops)
+    kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site,
+                                           planner.forward_flops(q.shape, k.shape[-2]))
     if kind is None:
         if missed and count:
             stats.record_mask_miss(site)

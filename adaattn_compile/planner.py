@@ -80,6 +80,16 @@ def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
                 guards=tuple(guards), reason=reason)
 
 
+def forward_flops(q_shape, k_len: int, causal: bool = False) -> float:
+    """Forward FLOPs of one call: 4 B H Lq Lk D (two products), halved when causal. ``q_shape``
+    is q's shape, any number of leading dims."""
+    rows = 1
+    for n in q_shape[:-1]:
+        rows *= int(n)
+    flops = 4.0 * rows * int(k_len) * int(q_shape[-1])
+    return flops / 2 if causal else flops
+
+
 def small_call(device: DeviceInfo, problem: Problem, options: Options, gflops: float,
                sdpa_takes_it: bool) -> Optional[str]:
     """Compile time, static shapes: why a site should stay torch's SDPA rather than become our
