@@ -62,7 +62,7 @@ def main():
             kind = {"bias": "row", "bias_alu": "row", "mask": "tile"}.get(variant, "none")
             bias_tc = variant == "bias"   # bias_alu: the row bias added in registers
             cfg = fh.config(D, kind, variant == "causal")
-            block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
+            block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
             B, H, L = 2, 4, 1024
             q = torch.empty(B, H, L, D, dtype=dt)
             mask = torch.empty(B, 1, 1, L, dtype=dt) if kind == "row" else (
@@ -81,7 +81,8 @@ def main():
                         STAGES=stages, CAUSAL=variant == "causal", HAS_MASK=has_mask,
                         MASK_BOOL=variant == "mask", MASK_RB=kind == "row", MASK_CB=False,
                         PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
-                        PAIRED=variant == "causal" and persistent, BIAS_TC=bias_tc)
+                        PAIRED=variant == "causal" and persistent, BIAS_TC=bias_tc,
+                        TURNOVER=turnover)
             try:
                 k = compile_sm90(fh._attn_fwd_sm90, args)
             except Exception as e:  # print the compiler's complaint and go on

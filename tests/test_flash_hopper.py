@@ -79,6 +79,12 @@ CASES = [
     (2, 8, 8, 2048, 2048, 128, True, None, "blhd"),
     (2, 16, 4, 1500, 1500, 64, False, "pad-bias", "bhld"),
     (2, 8, 8, 1100, 1100, 128, False, "bool", "bhld"),
+    # ... non-causal, where a tile's last P.V runs with the next tile's S_0 (the turnover):
+    # plain, ragged key ends, GQA, a padding bias
+    (4, 16, 16, 2048, 2048, 128, False, None, "bhld"),
+    (3, 16, 16, 1000, 1500, 64, False, None, "blhd"),
+    (2, 16, 4, 1300, 1700, 128, False, None, "blhd"),
+    (4, 8, 8, 1500, 1500, 128, False, "pad-bias", "bhld"),
     # row masks added on the tensor cores (BIAS_TC): bool rows, per-head rows, GQA, causal
     (3, 4, 4, 300, 300, 64, False, "pad-bool", "bhld"),
     (2, 4, 4, 1000, 1000, 128, True, "pad-bool", "blhd"),
@@ -251,10 +257,17 @@ def test_bias_on_tensor_cores_only_for_rows_in_q_dtype(monkeypatch):
 
 def test_config_override_and_q_slots(monkeypatch):
     """ADAATTN_SM90_CONFIG_<D> replaces the launch config; Q slots default to two for a
-    persistent launch and one otherwise, or follow an eighth field."""
+    persistent launch and one otherwise, or follow an eighth field; the turnover is on for
+    non-causal launches without a full mask, or follows a ninth field."""
     assert flash_hopper.config(128, "none", False)[4] is True
     assert flash_hopper.config(128, "none", True)[7] == 2
+    assert [flash_hopper.config(d, kind, causal)[8] for d in (64, 128)
+            for kind in ("none", "row", "tile") for causal in (False, True)] == \
+        [True, False, True, False, False, False] * 2
     monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,0,24,240")
-    assert flash_hopper.config(128, "none", True) == (64, 2, 3, True, False, 24, 240, 1)
+    assert flash_hopper.config(128, "none", True) == (64, 2, 3, True, False, 24, 240, 1, False)
     monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,1")
     assert flash_hopper.config(128, "row", False)[7] == 1
+    assert flash_hopper.config(128, "row", False)[8] is True
+    monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,2,1")
+    assert flash_hopper.config(128, "none", True)[8] is True

@@ -253,9 +253,12 @@ if AVAILABLE:
               MASKED: gl.constexpr, HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr,
               MASK_RB: gl.constexpr, MASK_CB: gl.constexpr, PINGPONG: gl.constexpr,
               BIAS_TC: gl.constexpr, mma: gl.constexpr, mma_o: gl.constexpr,
-              p_layout: gl.constexpr):
+              p_layout: gl.constexpr, HOLD_P: gl.constexpr):
         """K/V tile j (ring position ``it``): issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1};
-        the softmax of S_j runs while the second product is still on the tensor cores."""
+        the softmax of S_j runs while the second product is still on the tensor cores.
+        HOLD_P (the turnover loop): P_{j-1} goes through the final wait, so that its registers,
+        which the product reads until it completes, are not reused for this tile's softmax
+        before then."""
         slot = it % STAGES
         if PINGPONG:
             mbarrier.wait(turn.index(WG), it & 1)
@@ -273,11 +276,97 @@ if AVAILABLE:
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         p16 = p.to(p_prev.dtype)  # before the wait: the fp32 tile dies here, not after it
-        acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+        if HOLD_P:
+            acc, p_prev = _hopper.warpgroup_mma_wait(0, deps=[acc, p_prev])
+        else:
+            acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, mma_o)), 1)
         p_prev = gl.convert_layout(p16, p_layout)
         return acc, m_new, l_i, p_prev, slot, (it // STAGES) & 1, it + 1
+
+    @gluon.jit
+    def _first_softmax(s, qk_scale, n_full, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
+                       ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                       HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
+                       MASK_CB: gl.constexpr, BIAS_TC: gl.constexpr, dtype: gl.constexpr,
+                       mma: gl.constexpr, p_layout: gl.constexpr):
+        """Softmax of a tile's S_0 -> (running max, running sum, P_0 as the P.V operand)."""
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+        if n_full > 0:
+            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+                                          stride_mn, Lq, Lk, BLOCK_N, CAUSAL, False, HAS_MASK,
+                                          MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
+        else:
+            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+                                          stride_mn, Lq, Lk, BLOCK_N, CAUSAL, True, HAS_MASK,
+                                          MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
+        return m_i, gl.sum(p, 1), gl.convert_layout(p.to(dtype), p_layout)
+
+    @gluon.jit
+    def _epilogue(acc, m_i, l_i, Out, LSE, off_b, off_h, start_m, Lq,
+                  stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                  WG: gl.constexpr, HEAD_D: gl.constexpr, HAS_MASK: gl.constexpr,
+                  dtype: gl.constexpr, mma: gl.constexpr, mma_o: gl.constexpr):
+        """O = acc / l, lse = (m + log2 l) ln 2 for one warpgroup's 64 rows; fully masked
+        rows: 0 and -inf."""
+        if HAS_MASK:
+            empty = l_i == 0.0
+            l_safe = gl.where(empty, 1.0, l_i)
+            lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        else:
+            l_safe = l_i
+            lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
+        out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
+        rows_o = start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma_o))
+        cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
+        o_base = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+        gl.store(o_base + gl.expand_dims(rows_o, 1) * stride_om + gl.expand_dims(cols_o, 0),
+                 out, mask=gl.expand_dims(rows_o < Lq, 1))
+        rows_l = start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
+        l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+        gl.store(l_base + rows_l, lse, mask=rows_l < Lq)
+
+    @gluon.jit
+    def _last_pv(acc, p_prev, v_bufs, v_full, v_empty, prev, prev_phase):
+        """A tile's last P.V product, on its own -> the finished accumulator."""
+        mbarrier.wait(v_full.index(prev), prev_phase)
+        acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+        acc, p_prev = _hopper.warpgroup_mma_wait(0, deps=[acc, p_prev])
+        mbarrier.arrive(v_empty.index(prev))
+        return acc
+
+    @gluon.jit
+    def _tile_start(q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, unit,
+                    sub, it, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
+                    stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
+                    MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr,
+                    PAIRED: gl.constexpr, BIAS_TC: gl.constexpr, dtype: gl.constexpr,
+                    mma: gl.constexpr, p_layout: gl.constexpr):
+        """A tile's S_0 (K/V ring position ``it``, Q slot of tile ``done``) and its softmax on
+        their own -> (running max, running sum, P_0)."""
+        off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, 64 * NUM_WG,
+                                                        BLOCK_N, CAUSAL, PAIRED)
+        qs = done % QBUF
+        mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
+        slot = it % STAGES
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), it & 1)
+        mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+        s_tok = _scores(q_smem.index(qs * NUM_WG + WG), k_bufs, kb_bufs, bias_a, slot, s_zero,
+                        BIAS_TC)
+        if PINGPONG:
+            mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+        s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(slot))
+        return _first_softmax(
+            s, qk_scale, n_full, start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma)),
+            Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh, stride_mm,
+            stride_mn, Lq, Lk, 64, BLOCK_N, CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+            BIAS_TC, dtype, mma, p_layout)
 
     @gluon.jit
     def _consumer(Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty, k_full,
@@ -289,8 +378,15 @@ if AVAILABLE:
                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
                   MASK_CB: gl.constexpr, PINGPONG: gl.constexpr, QBUF: gl.constexpr,
-                  PAIRED: gl.constexpr, BIAS_TC: gl.constexpr):
-        """One warpgroup: rows WG*64 .. WG*64+63 of each work tile's query block."""
+                  PAIRED: gl.constexpr, BIAS_TC: gl.constexpr, TURNOVER: gl.constexpr):
+        """One warpgroup: rows WG*64 .. WG*64+63 of each work tile's query block.
+
+        TURNOVER: tiles follow one another without a gap on the tensor cores: the last P.V
+        product of a tile is issued together with S_0 of the next one, and the softmax of that
+        S_0 runs while the P.V product still runs, before the tile's epilogue. Started and
+        finished on their own (the other branch), each tile exposes a product and a softmax at
+        each end. Causal launches take the other branch: with the turnover loop, causal tiles
+        on two warpgroups came out wrong on the H100 (sixth session, not understood)."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -305,88 +401,166 @@ if AVAILABLE:
                                    gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
         else:
             bias_a = 0
-        it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
-        done = 0   # work tiles finished (Q phase)
-        for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
-            for sub in range(_unit_tiles(unit, n_m, PAIRED)):
+        if TURNOVER:
+            nprog = gl.num_programs(0)
+            unit = gl.program_id(0)   # < n_units: the launch has at most one program per unit
+            sub = 0
+            done = 0   # work tiles finished (Q slot and phase)
+            # the first tile's S_0 and its softmax, on their own
+            m_i, l_i, p_prev = _tile_start(
+                q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, unit,
+                sub, 0, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
+                stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
+                MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, dtype, mma, p_layout)
+            prev = 0
+            prev_phase = 0
+            it = 1     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
+            acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+            # (only the tile's (unit, sub) is carried from one iteration to the next; the rest
+            # is recomputed from it: loop-carried values cost registers the loop has not got)
+            while unit < n_units:
                 off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
                                                                 BLOCK_N, CAUSAL, PAIRED)
                 offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
-                mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
-                acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+                mask_base = (Mask + off_b.to(gl.int64) * stride_mb
+                             + off_h.to(gl.int64) * stride_mh)
                 qs = done % QBUF
                 q = q_smem.index(qs * NUM_WG + WG)
-                mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
-
-                # K/V tile 0: S_0 only (its P.V is issued together with S_1)
-                slot = it % STAGES
-                if PINGPONG:
-                    mbarrier.wait(turn.index(WG), it & 1)
-                mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-                s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
-                s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
-                mbarrier.arrive(k_empty.index(slot))
-                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-                if n_full > 0:
-                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
-                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
-                                                  False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                                                  BIAS_TC, mma)
-                else:
-                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
-                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
-                                                  True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                                                  BIAS_TC, mma)
-                l_i = gl.sum(p, 1)
-                p_prev = gl.convert_layout(p.to(dtype), p_layout)
-                prev = slot
-                prev_phase = (it // STAGES) & 1
-                it += 1
-                # tiles that need no element mask, then the diagonal / ragged-edge ones (two loops
-                # rather than a branch per tile: the branch costs registers the loop has not got)
                 for j in range(1, n_full):
                     acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
                         q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
                         turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
                         offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
                         STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                        BIAS_TC, mma, mma_o, p_layout)
+                        BIAS_TC, mma, mma_o, p_layout, True)
                 for j in range(gl.maximum(n_full, 1), n_blocks):
                     acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
                         q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
                         turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
                         offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
                         STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                        BIAS_TC, mma, mma_o, p_layout)
-                # every S of this tile is done: the producer may bring the next tile's Q
+                        BIAS_TC, mma, mma_o, p_layout, True)
+                # every S of this tile is done: the producer may bring Q for the tile after next
                 mbarrier.arrive(q_empty.index(qs))
-
-                mbarrier.wait(v_full.index(prev), prev_phase)
-                acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
-                acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(v_empty.index(prev))
-
-                # epilogue: O = acc / l, lse = (m + log2 l) ln 2; fully masked rows: 0 and -inf
-                if HAS_MASK:
-                    empty = l_i == 0.0
-                    l_safe = gl.where(empty, 1.0, l_i)
-                    lse = gl.where(empty, float("-inf"),
-                                   (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-                else:
-                    l_safe = l_i
-                    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-                inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
-                out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
-                rows_o = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma_o))
-                cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
-                o_base = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-                gl.store(o_base + gl.expand_dims(rows_o, 1) * stride_om + gl.expand_dims(cols_o, 0),
-                         out, mask=gl.expand_dims(rows_o < Lq, 1))
-                l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
-                gl.store(l_base + offs_m, lse, mask=offs_m < Lq)
                 done += 1
+                this_unit = unit
+                this_sub = sub
+                sub += 1
+                if sub == _unit_tiles(unit, n_m, PAIRED):
+                    sub = 0
+                    unit += nprog
+                n_m_i = m_i
+                n_l_i = l_i
+                if unit < n_units:
+                    # S_0 of the next tile and this tile's last P.V in one turn
+                    n_off_b, n_off_h, n_start_m, n_n_blocks, n_n_full = _tile(
+                        unit, sub, n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
+                    n_qs = done % QBUF
+                    mbarrier.wait(q_full.index(n_qs), (done // QBUF) & 1)
+                    slot = it % STAGES
+                    if PINGPONG:
+                        mbarrier.wait(turn.index(WG), it & 1)
+                    mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+                    s_tok = _scores(q_smem.index(n_qs * NUM_WG + WG), k_bufs, kb_bufs, bias_a,
+                                    slot, s_zero, BIAS_TC)
+                    mbarrier.wait(v_full.index(prev), prev_phase)
+                    acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+                    if PINGPONG:
+                        mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+                    s, acc = _hopper.warpgroup_mma_wait(1, deps=[s_tok, acc])
+                    mbarrier.arrive(k_empty.index(slot))
+                    n_m_i, n_l_i, n_p = _first_softmax(
+                        s, qk_scale, n_n_full,
+                        n_start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma)),
+                        Mask + n_off_b.to(gl.int64) * stride_mb + n_off_h.to(gl.int64) * stride_mh,
+                        stride_mm, stride_mn, Lq, Lk, ROWS, BLOCK_N, CAUSAL, HAS_MASK, MASK_BOOL,
+                        MASK_RB, MASK_CB, BIAS_TC, dtype, mma, p_layout)
+                    acc, p_prev = _hopper.warpgroup_mma_wait(0, deps=[acc, p_prev])
+                    mbarrier.arrive(v_empty.index(prev))
+                    p_prev = n_p
+                    prev = slot
+                    prev_phase = (it // STAGES) & 1
+                    it += 1
+                else:
+                    acc = _last_pv(acc, p_prev, v_bufs, v_full, v_empty, prev, prev_phase)
+                off_b, off_h, start_m, n_blocks, n_full = _tile(this_unit, this_sub, n_m, Hq, Lk,
+                                                                BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
+                _epilogue(acc, m_i, l_i, Out, LSE, off_b, off_h, start_m, Lq, stride_ob,
+                          stride_oh, stride_om, stride_lb, stride_lh, WG, HEAD_D, HAS_MASK, dtype,
+                          mma, mma_o)
+                acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+                m_i = n_m_i
+                l_i = n_l_i
+        else:
+            it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
+            done = 0   # work tiles finished (Q phase)
+            for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
+                for sub in range(_unit_tiles(unit, n_m, PAIRED)):
+                    off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
+                                                                    BLOCK_N, CAUSAL, PAIRED)
+                    offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
+                    mask_base = (Mask + off_b.to(gl.int64) * stride_mb
+                                 + off_h.to(gl.int64) * stride_mh)
+                    acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+                    qs = done % QBUF
+                    q = q_smem.index(qs * NUM_WG + WG)
+                    mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
+
+                    # K/V tile 0: S_0 only (its P.V is issued together with S_1)
+                    slot = it % STAGES
+                    if PINGPONG:
+                        mbarrier.wait(turn.index(WG), it & 1)
+                    mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+                    s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
+                    if PINGPONG:
+                        mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+                    s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
+                    mbarrier.arrive(k_empty.index(slot))
+                    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+                    if n_full > 0:
+                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                                                      stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                      False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                      BIAS_TC, mma)
+                    else:
+                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                                                      stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                      True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                      BIAS_TC, mma)
+                    l_i = gl.sum(p, 1)
+                    p_prev = gl.convert_layout(p.to(dtype), p_layout)
+                    prev = slot
+                    prev_phase = (it // STAGES) & 1
+                    it += 1
+                    # tiles that need no element mask, then the diagonal / ragged-edge ones (two
+                    # loops rather than a branch per tile: the branch costs registers the loop
+                    # has not got)
+                    for j in range(1, n_full):
+                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
+                            offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
+                            STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
+                            BIAS_TC, mma, mma_o, p_layout, False)
+                    for j in range(gl.maximum(n_full, 1), n_blocks):
+                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
+                            offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
+                            STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
+                            BIAS_TC, mma, mma_o, p_layout, False)
+                    # every S of this tile is done: the producer may bring the next tile's Q
+                    mbarrier.arrive(q_empty.index(qs))
+
+                    mbarrier.wait(v_full.index(prev), prev_phase)
+                    acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+                    acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+                    mbarrier.arrive(v_empty.index(prev))
+
+                    _epilogue(acc, m_i, l_i, Out, LSE, off_b, off_h, start_m, Lq, stride_ob,
+                              stride_oh, stride_om, stride_lb, stride_lh, WG, HEAD_D, HAS_MASK,
+                              dtype, mma, mma_o)
+                    done += 1
 
     @gluon.jit(do_not_specialize=["Lq", "Lk"])
     def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_kb, Out, LSE, Mask,
@@ -398,7 +572,7 @@ if AVAILABLE:
                        MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr, MASK_CB: gl.constexpr,
                        PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, PAIRED: gl.constexpr,
-                       BIAS_TC: gl.constexpr):
+                       BIAS_TC: gl.constexpr, TURNOVER: gl.constexpr):
         """Program p does work units p, p + P, p + 2P, ... (P programs: one per unit, or one
         per SM for the persistent launch; see forward); a unit is one query block, or two
         (PAIRED, see _unit_tiles)."""
@@ -445,14 +619,14 @@ if AVAILABLE:
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
                              k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
                              bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER)),
                 (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
                              q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
                              GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
@@ -466,21 +640,21 @@ if AVAILABLE:
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
                              k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
                              bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER)),
                 (_consumer, (Out, LSE, Mask, q_smem, k_bufs, v_bufs, kb_bufs, q_full, q_empty,
                              k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
                              bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              2, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
-                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC)),
+                             MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER)),
                 (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
                              q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
                              GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
@@ -491,10 +665,10 @@ if AVAILABLE:
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-# (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS, QBUF) per head dim,
-# mask kind ("none"; "row": a mask broadcast over queries or keys, a vector per tile; "tile": a
-# full (.., Lq, Lk) mask, whose tile takes registers: 64-key tiles keep it from spilling) and
-# causality.
+# (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS, QBUF, TURNOVER) per
+# head dim, mask kind ("none"; "row": a mask broadcast over queries or keys, a vector per tile;
+# "tile": a full (.., Lq, Lk) mask, whose tile takes registers: 64-key tiles keep it from
+# spilling) and causality.
 # * Shared memory: Q (64 NUM_WG x D) + STAGES x (K + V) (BLOCK_N x D each), 2 bytes an element:
 #   one program per SM either way.
 # * PERSISTENT: one program per SM looping over the work units, which overlaps a tile's
@@ -505,6 +679,7 @@ if AVAILABLE:
 #   work (PAIRED, see _unit_tiles).
 # * QBUF: Q slots; two for persistent launches, so that the next tile's Q arrives while this
 #   tile runs (one program per tile has a single tile: one slot).
+# * TURNOVER (see _consumer): a tile's last P.V issued with the next tile's S_0; not causal.
 # * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
 #   checked for spills with scripts/sm90_offline_compile.py.
 _BASE = {
@@ -518,7 +693,9 @@ _BASE = {
 # Causal D = 64 on two warpgroups: three (160 registers each) ran causal 2k / 4k / 8k at
 # 249 / 367 / 399 TFLOP/s against 351 / 395 / 410 for two (H100, sixth session).
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
-_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2)
+# TURNOVER: not for causal launches (see _consumer), nor for full masks (their tile loads spill
+# registers in the turnover loop: 88 bytes of stack at D = 128, offline compile).
+_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, not causal and kind != "tile")
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
 HEAD_DIMS = (64, 128)
@@ -532,15 +709,16 @@ def mask_kind(has_mask, row_bcast, col_bcast):
 
 def config(head_d, kind, causal):
     """The launch config; ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,
-    PERSISTENT,PREGS,CREGS[,QBUF]"`` replaces it (tuning runs; QBUF defaults to 2 for a
-    persistent launch, else 1)."""
+    PERSISTENT,PREGS,CREGS[,QBUF[,TURNOVER]]"`` replaces it (tuning runs; QBUF defaults to 2 for
+    a persistent launch, else 1; TURNOVER to the built-in choice)."""
     txt = (os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}_{kind}")
            or os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}", "")).strip()
     if not txt:
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
     qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
-    return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6], qbuf)
+    turnover = bool(v[8]) if len(v) > 8 else not causal and kind != "tile"
+    return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6], qbuf, turnover)
 
 
 @functools.lru_cache(maxsize=None)
@@ -682,7 +860,7 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     Hkv = k.shape[1]
     has_mask, is_bool, rb, cb = mask_flags
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
-    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
     n_m = -(-Lq // (64 * num_wg))
     paired = bool(is_causal) and persistent
     units = B * Hq * ((n_m + 1) // 2 if paired else n_m)
@@ -695,7 +873,7 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     ints = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             *mask_strides, n_m, units, Hq, Hq // Hkv, kb_nb, kb_nh)
     consts = (D, block_n, num_wg, stages, bool(is_causal), has_mask, is_bool, rb, cb, pingpong,
-              pregs, cregs, qbuf, paired, bias_tc)
+              pregs, cregs, qbuf, paired, bias_tc, turnover)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
            tuple(_int_spec(x) for x in ints))
     return cfg, programs, ints, (hi, lo), consts, key, device
@@ -710,7 +888,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     Lk = k.shape[2]
     cfg, programs, ints, floats, consts, key, device = _launch_plan(
         q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
-    bias_tc = consts[-1]
+    bias_tc = consts[-2]
     bk = None
     if bias_tc:
         bk = _bias_tile(mask, (q.shape[0], q.shape[1], Lq, Lk), mask_strides, mask_flags[1],
@@ -727,7 +905,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
             _FAST_LAUNCH = False
             warnings.warn(f"flash_hopper: direct launch failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); launching through triton from now on")
-    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf = cfg
+    block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
     has_mask, is_bool, rb, cb = mask_flags
     kernel = _attn_fwd_sm90[(programs,)](
         _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
@@ -736,7 +914,8 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
         HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg, STAGES=stages, CAUSAL=bool(is_causal),
         HAS_MASK=has_mask, MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PINGPONG=pingpong,
         PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
-        PAIRED=bool(is_causal) and persistent, BIAS_TC=bias_tc, num_warps=4)
+        PAIRED=bool(is_causal) and persistent, BIAS_TC=bias_tc, TURNOVER=turnover,
+        num_warps=4)
     if _FAST_LAUNCH and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
         _LAUNCHERS[key] = kernel
     return out, lse
@@ -774,7 +953,7 @@ def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     layouts = tuple((list(t.shape), tma_strides(t)) for t in (q, k, v))
     tail = (*ints, q.shape[2], k.shape[2], sm_scale * _LOG2E, *floats, *consts)
     bias = None
-    if consts[-1]:   # BIAS_TC: the bias tile is built from each call's mask
+    if consts[-2]:   # BIAS_TC: the bias tile is built from each call's mask
         bias = ((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), mask_strides, mask_flags[1],
                 q.dtype, inv_scale_split(sm_scale, q.dtype)[2])
     return BoundForward(kernel, programs, device, layouts, tail, bias)
