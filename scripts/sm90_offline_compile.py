@@ -64,6 +64,7 @@ def main():
             cfg = fh.config(D, kind, variant == "causal")
             block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
             B, H, L = 2, 4, 1024
+            o_tma = fh._o_tma(D, block_n, num_wg, stages, qbuf, bias_tc)
             q = torch.empty(B, H, L, D, dtype=dt)
             mask = torch.empty(B, 1, 1, L, dtype=dt) if kind == "row" else (
                 torch.empty(B, H, L, L, dtype=torch.uint8) if variant == "mask" else
@@ -72,7 +73,9 @@ def main():
             args = dict(desc_q=fh._descriptor(q, 64, D), desc_k=fh._descriptor(q, block_n, D),
                         desc_v=fh._descriptor(q, block_n, D),
                         desc_kb=fh._descriptor(torch.empty(B, 1, L, 16, dtype=dt), block_n, 16)
-                        if bias_tc else None, Out=q, LSE=torch.empty(B, H, L),
+                        if bias_tc else None,
+                        desc_o=fh._descriptor(q, 64, D) if o_tma else None,
+                        Out=q, LSE=torch.empty(B, H, L),
                         Mask=mask, stride_ob=1, stride_oh=1, stride_om=1, stride_lb=1, stride_lh=1,
                         stride_mb=1, stride_mh=1, stride_mm=1, stride_mn=1, n_m=8,
                         n_units=B * H * 8, Hq=H, GROUP=1, kb_nb=B, kb_nh=1, bias_hi=8.0,
@@ -82,7 +85,7 @@ def main():
                         MASK_BOOL=variant == "mask", MASK_RB=kind == "row", MASK_CB=False,
                         PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
                         PAIRED=variant == "causal" and persistent, BIAS_TC=bias_tc,
-                        TURNOVER=turnover)
+                        TURNOVER=turnover, O_TMA=o_tma)
             try:
                 k = compile_sm90(fh._attn_fwd_sm90, args)
             except Exception as e:  # print the compiler's complaint and go on

@@ -85,6 +85,13 @@ CASES = [
     (3, 16, 16, 1000, 1500, 64, False, None, "blhd"),
     (2, 16, 4, 1300, 1700, 128, False, None, "blhd"),
     (4, 8, 8, 1500, 1500, 128, False, "pad-bias", "bhld"),
+    # one full key tile and a ragged second (the turnover loop gave wrong rows there: the
+    # launch plan keeps it off), and the shapes next to it
+    (2, 4, 4, 200, 200, 64, False, None, "bhld"),
+    (2, 4, 1, 300, 200, 64, False, "pad-bias", "blhd"),
+    (2, 4, 4, 200, 200, 128, False, None, "bhld"),
+    (2, 4, 4, 300, 256, 64, False, None, "bhld"),
+    (2, 4, 4, 300, 257, 64, False, None, "bhld"),
     # row masks added on the tensor cores (BIAS_TC): bool rows, per-head rows, GQA, causal
     (3, 4, 4, 300, 300, 64, False, "pad-bool", "bhld"),
     (2, 4, 4, 1000, 1000, 128, True, "pad-bool", "blhd"),
@@ -271,3 +278,94 @@ def test_config_override_and_q_slots(monkeypatch):
     assert flash_hopper.config(128, "row", False)[8] is True
     monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,2,1")
     assert flash_hopper.config(128, "none", True)[8] is True
+
+
+@pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="needs Gluon (triton >= 3.5)")
+def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
+    """The launch plan's constexpr values are passed by position on the direct launch path
+    and by name on the first launch: both must follow the kernel's parameters."""
+    fn = flash_hopper._attn_fwd_sm90
+    assert [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr] == \
+        list(flash_hopper._CONSTEXPRS)
+    monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    B, H, L = 4, 16, 2048
+    for D, causal, bias, o_tma, programs in [(128, False, False, True, 132),
+                                             (128, True, False, True, 132),
+                                             (128, False, True, False, 132),
+                                             (64, False, True, False, 132)]:
+        q = torch.empty(B, H, L, D, dtype=torch.bfloat16)
+        mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16) if bias else torch.empty(1)
+        flags = (True, False, True, False) if bias else (False, False, False, False)
+        strides = (L, 0, 0, 1) if bias else (0, 0, 0, 0)
+        cfg, n_prog, ints, floats, consts, key, device = flash_hopper._launch_plan(
+            q, q, mask, strides, flags, causal, D ** -0.5, q, torch.empty(B, H, L))
+        named = dict(zip(flash_hopper._CONSTEXPRS, consts))
+        assert (named["HEAD_D"], named["CAUSAL"], named["BIAS_TC"]) == (D, causal, bias)
+        assert named["TURNOVER"] is (not causal) and named["O_TMA"] is o_tma
+        assert n_prog == programs
+    monkeypatch.setenv("ADAATTN_SM90_O_TMA", "0")
+    consts = flash_hopper._launch_plan(q, q, mask, strides, flags, False, 0.125, q,
+                                       torch.empty(B, H, L))[4]
+    assert dict(zip(flash_hopper._CONSTEXPRS, consts))["O_TMA"] is False
+
+
+def _random_cases(n, seed):
+    """Seeded random shapes for the Gluon forward: lengths 1..2500 on both sides, GQA / MQA,
+    both head dims, causal or not, no mask or a padding row (the kinds the fast path takes)."""
+    import random
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        D = rng.choice((64, 128))
+        Hkv = rng.choice((1, 2, 4))
+        Hq = Hkv * rng.choice((1, 2, 4))
+        B = rng.choice((1, 2, 3))
+        Lq, Lk = rng.randint(1, 2500), rng.randint(1, 2500)
+        causal = rng.random() < 0.4
+        mask = rng.choice((None, None, "pad-bias", "pad-bool"))
+        cases.append((B, Hq, Hkv, Lq, Lk, D, causal, mask, rng.choice(("bhld", "blhd"))))
+    return cases
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("case", _random_cases(24, 2026_11_26), ids=lambda c: "-".join(map(str, c)))
+def test_sm90_forward_random_shapes(case):
+    """Random shapes against the float64 reference, bf16 (several programs' worth of tiles
+    for the longer ones: the persistent loops, the turnover, ragged ends on both sides)."""
+    B, Hq, Hkv, Lq, Lk, D, causal, mask_kind, layout = case
+    dtype = torch.bfloat16
+    q = _make(B, Hq, Lq, D, dtype, layout)
+    k = _make(B, Hkv, Lk, D, dtype, layout)
+    v = _make(B, Hkv, Lk, D, dtype, layout)
+    mask = _mask(mask_kind, B, Hq, Lq, Lk, dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = torch.full((B, Hq, Lq, D), float("nan"), device="cuda", dtype=dtype)
+    lse = torch.full((B, Hq, Lq), float("nan"), device="cuda")
+    ms = flash._prep_mask(mask, (B, Hq, Lq, Lk), q.device)
+    flash_hopper.forward(q, k, v, ms[0], ms[1], ms[2:], causal, scale, out, lse)
+    ref, ref_lse = _reference(q, k, v, mask, causal, scale)
+    assert not out.isnan().any(), "unwritten or NaN output"
+    assert _rel(out, ref) < 2e-2
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    if finite.any():
+        assert (lse[finite] - ref_lse[finite]).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="needs Gluon (triton >= 3.5)")
+@pytest.mark.parametrize("Lk, turnover", [(100, True), (128, True), (129, False), (200, False),
+                                          (255, False), (256, True), (300, True), (4096, True)])
+def test_turnover_kept_off_for_one_full_key_tile_and_a_ragged_one(Lk, turnover, monkeypatch):
+    """The turnover loop gave wrong rows for 128 < Lk < 256 (one full key tile and a ragged
+    second): the launch plan sends those calls to the tile-by-tile loop."""
+    monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for D in (64, 128):
+        q = torch.empty(2, 4, 300, D, dtype=torch.bfloat16)
+        k = torch.empty(2, 4, Lk, D, dtype=torch.bfloat16)
+        consts = flash_hopper._launch_plan(q, k, torch.empty(1), (0, 0, 0, 0),
+                                           (False, False, False, False), False, 0.125, q,
+                                           torch.empty(2, 4, 300))[4]
+        assert dict(zip(flash_hopper._CONSTEXPRS, consts))["TURNOVER"] is turnover
