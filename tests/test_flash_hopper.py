@@ -86,8 +86,10 @@ CASES = [
     (2, 16, 4, 1300, 1700, 128, False, None, "blhd"),
     (4, 8, 8, 1500, 1500, 128, False, "pad-bias", "bhld"),
     # one full key tile and a ragged second (the turnover loop gave wrong rows there: the
-    # launch plan keeps it off), and the shapes next to it
+    # launch plan keeps it off), the shapes next to it, short keys over many tiles
     (2, 4, 4, 200, 200, 64, False, None, "bhld"),
+    (8, 16, 16, 1000, 100, 64, False, None, "bhld"),
+    (4, 16, 4, 2048, 256, 128, False, "pad-bias", "blhd"),
     (2, 4, 1, 300, 200, 64, False, "pad-bias", "blhd"),
     (2, 4, 4, 200, 200, 128, False, None, "bhld"),
     (2, 4, 4, 300, 256, 64, False, None, "bhld"),
@@ -355,11 +357,11 @@ def test_sm90_forward_random_shapes(case):
 
 
 @pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="needs Gluon (triton >= 3.5)")
-@pytest.mark.parametrize("Lk, turnover", [(100, True), (128, True), (129, False), (200, False),
+@pytest.mark.parametrize("Lk, turnover", [(100, False), (128, False), (129, False), (200, False),
                                           (255, False), (256, True), (300, True), (4096, True)])
-def test_turnover_kept_off_for_one_full_key_tile_and_a_ragged_one(Lk, turnover, monkeypatch):
-    """The turnover loop gave wrong rows for 128 < Lk < 256 (one full key tile and a ragged
-    second): the launch plan sends those calls to the tile-by-tile loop."""
+def test_turnover_only_where_every_tile_runs_its_unmasked_loop(Lk, turnover, monkeypatch):
+    """The turnover loop gave wrong rows for 128 < Lk < 256 (an empty unmasked loop before a
+    masked one): the launch plan takes it only for Lk >= 2 BLOCK_N (128 at both head dims)."""
     monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for D in (64, 128):

@@ -418,12 +418,14 @@ if AVAILABLE:
         product of a tile is issued together with S_0 of the next one, and the softmax of that
         S_0 runs while the P.V product still runs, before the tile's epilogue. Started and
         finished on their own (the other branch), each tile exposes a product and a softmax at
-        each end. The turnover loop is not taken where it gave wrong rows, not understood (a
-        race: the values change from run to run): tiles whose unmasked loop is empty while the
-        masked one is not, i.e. one full key tile and a ragged second. Non-causal that is
-        128 < Lk < 256 (head dim 64, H100: every launch; the launch plan sends it here);
-        causal it is every head's query block 1 (its second warpgroup's rows, with inputs of
-        64 MB and more, H200), so causal launches take the tile-by-tile loop."""
+        each end. The turnover loop gave wrong rows, not understood (the values change from run
+        to run, so a race), where a tile's unmasked loop is empty and its masked loop is not:
+        non-causal with 128 < Lk < 256 (head dim 64, H100: every launch), causal at every
+        head's query block 1 (its second warpgroup's rows, with inputs of 64 MB and more,
+        H200); wrapping the unmasked loop in an ``if`` instead gave illegal memory accesses.
+        So the launch plan takes the turnover only where every tile runs its unmasked loop at
+        least once (non-causal, Lk >= 2 BLOCK_N) and causal launches take the tile-by-tile
+        loop."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -930,10 +932,8 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
     block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
     Lk = k.shape[2]
-    # the turnover loop gave wrong rows (a race, not understood) for tiles with one full key
-    # tile and a ragged second one (H100, head dim 64, Lk = 200: 4 of 4 launches): those take
-    # the tile-by-tile loop (see _consumer)
-    turnover = turnover and not block_n < Lk < 2 * block_n
+    # the turnover loop only where every tile's unmasked loop runs (see _consumer)
+    turnover = turnover and Lk >= 2 * block_n
     n_m = -(-Lq // (64 * num_wg))
     paired = bool(is_causal) and persistent
     units = B * Hq * ((n_m + 1) // 2 if paired else n_m)
