@@ -126,7 +126,7 @@ def test_sm90_forward_matches_float64(case, dtype):
     v = _make(B, Hkv, Lk, D, dtype, layout)
     mask = _mask(mask_kind, B, Hq, Lq, Lk, dtype)
     scale = 1.0 / math.sqrt(D)
-    assert flash._use_sm90(q, k, v, scale) or (D == 64 and causal), flash_hopper.unsupported(
+    assert flash._use_sm90(q, k, v, scale, causal), flash_hopper.unsupported(
         q, k, v, scale, torch.cuda.get_device_capability(), causal)
     out = torch.full((B, Hq, Lq, D), float("nan"), device="cuda", dtype=dtype)  # poison
     lse = torch.full((B, Hq, Lq), float("nan"), device="cuda")
@@ -142,7 +142,7 @@ def test_sm90_forward_matches_float64(case, dtype):
         assert (lse[finite] - ref_lse[finite]).abs().max().item() < 2e-2
     # the public entry point takes the same path (where the planner routes it there)
     has_mask, _, row_bcast, col_bcast = ms[2:]
-    if flash._use_sm90(q, k, v, scale, causal, has_mask and (row_bcast or col_bcast)):
+    if flash._use_sm90(q, k, v, scale, causal):
         out2, _ = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
         assert torch.equal(out2, out)
 
@@ -196,25 +196,22 @@ def test_unsupported_reasons(monkeypatch):
         odd = torch.randn(1, 2, 8, 65, device="cuda", dtype=torch.float16)[..., :64]
         assert "aligned" in flash_hopper.unsupported(odd, g, g, 0.125, cap)
         monkeypatch.delenv("ADAATTN_SM90_CAUSAL64", raising=False)
-        assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True)
-        # causal D = 64 with a padding row: this kernel (its bias rides on the tensor cores)
-        assert flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True, row_mask=True) is None
-        monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", "0")
-        assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, True, row_mask=True)
-        monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", "1")
         assert flash_hopper.unsupported(g, g, g, 0.125, cap, causal=True) is None
+        monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", "0")
+        assert "causal" in flash_hopper.unsupported(g, g, g, 0.125, cap, True)
         g128 = torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)
         assert flash_hopper.unsupported(g128, g128, g128, 0.1, cap, causal=True) is None
 
 
-@pytest.mark.parametrize("flag, row_mask, expected", [
-    ("", False, False), ("", True, True), ("0", True, False), ("1", False, True)])
-def test_causal64_routing(flag, row_mask, expected, monkeypatch):
-    """Causal D = 64 takes the Gluon kernel with a padding row (its bias on the tensor cores),
-    the Triton one without; ADAATTN_SM90_CAUSAL64 forces either way."""
+@pytest.mark.parametrize("flag, expected", [("", True), ("1", True), ("0", False)])
+def test_causal64_routing(flag, expected, monkeypatch):
+    """Causal D = 64 takes the Gluon kernel (two warpgroups, one key loop with the turnover)
+    unless ADAATTN_SM90_CAUSAL64=0."""
     monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", flag)
-    assert flash_hopper._causal64(row_mask) is expected
-    assert flash_hopper.config(64, "row" if row_mask else "none", True)[1] == 2   # warpgroups
+    assert flash_hopper._causal64() is expected
+    for kind in ("none", "row"):
+        assert flash_hopper.config(64, kind, True)[1] == 2   # warpgroups
+        assert flash_hopper.config(64, kind, True)[8] == 2   # one key loop
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -267,19 +264,20 @@ def test_bias_on_tensor_cores_only_for_rows_in_q_dtype(monkeypatch):
 def test_config_override_and_q_slots(monkeypatch):
     """ADAATTN_SM90_CONFIG_<D> replaces the launch config; Q slots default to two for a
     persistent launch and one otherwise, or follow an eighth field; the turnover is on for
-    non-causal launches without a full mask, or follows a ninth field."""
+    launches without a full mask (two key loops non-causal, one causal), or follows a ninth
+    field."""
     assert flash_hopper.config(128, "none", False)[4] is True
     assert flash_hopper.config(128, "none", True)[7] == 2
     assert [flash_hopper.config(d, kind, causal)[8] for d in (64, 128)
             for kind in ("none", "row", "tile") for causal in (False, True)] == \
-        [True, False, True, False, False, False] * 2
+        [1, 2, 1, 2, 0, 0] * 2
     monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,0,24,240")
-    assert flash_hopper.config(128, "none", True) == (64, 2, 3, True, False, 24, 240, 1, False)
+    assert flash_hopper.config(128, "none", True) == (64, 2, 3, True, False, 24, 240, 1, 2)
     monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,1")
     assert flash_hopper.config(128, "row", False)[7] == 1
-    assert flash_hopper.config(128, "row", False)[8] is True
-    monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,2,1")
-    assert flash_hopper.config(128, "none", True)[8] is True
+    assert flash_hopper.config(128, "row", False)[8] == 1
+    monkeypatch.setenv("ADAATTN_SM90_CONFIG_128", "64,2,3,1,1,24,240,2,0")
+    assert flash_hopper.config(128, "none", True)[8] == 0
 
 
 @pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="needs Gluon (triton >= 3.5)")
@@ -304,7 +302,7 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
             q, q, mask, strides, flags, causal, D ** -0.5, q, torch.empty(B, H, L))
         named = dict(zip(flash_hopper._CONSTEXPRS, consts))
         assert (named["HEAD_D"], named["CAUSAL"], named["BIAS_TC"]) == (D, causal, bias)
-        assert named["TURNOVER"] is (not causal) and named["O_TMA"] is o_tma
+        assert named["TURNOVER"] == (2 if causal else 1) and named["O_TMA"] is o_tma
         assert n_prog == programs
     monkeypatch.setenv("ADAATTN_SM90_O_TMA", "0")
     consts = flash_hopper._launch_plan(q, q, mask, strides, flags, False, 0.125, q,
@@ -357,11 +355,12 @@ def test_sm90_forward_random_shapes(case):
 
 
 @pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="needs Gluon (triton >= 3.5)")
-@pytest.mark.parametrize("Lk, turnover", [(100, False), (128, False), (129, False), (200, False),
-                                          (255, False), (256, True), (300, True), (4096, True)])
-def test_turnover_only_where_every_tile_runs_its_unmasked_loop(Lk, turnover, monkeypatch):
-    """The turnover loop gave wrong rows for 128 < Lk < 256 (an empty unmasked loop before a
-    masked one): the launch plan takes it only for Lk >= 2 BLOCK_N (128 at both head dims)."""
+@pytest.mark.parametrize("Lk, turnover", [(100, 2), (128, 2), (129, 2), (200, 2), (255, 2),
+                                          (256, 1), (300, 1), (4096, 1)])
+def test_two_key_loops_only_where_every_tile_runs_the_first(Lk, turnover, monkeypatch):
+    """Two key loops gave wrong rows for 128 < Lk < 256 (an empty unmasked loop before a
+    masked one): the launch plan takes them only for Lk >= 2 BLOCK_N (128 at both head dims),
+    one loop below that."""
     monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for D in (64, 128):
@@ -370,4 +369,4 @@ def test_turnover_only_where_every_tile_runs_its_unmasked_loop(Lk, turnover, mon
         consts = flash_hopper._launch_plan(q, k, torch.empty(1), (0, 0, 0, 0),
                                            (False, False, False, False), False, 0.125, q,
                                            torch.empty(2, 4, 300))[4]
-        assert dict(zip(flash_hopper._CONSTEXPRS, consts))["TURNOVER"] is turnover
+        assert dict(zip(flash_hopper._CONSTEXPRS, consts))["TURNOVER"] == turnover

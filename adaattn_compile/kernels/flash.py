@@ -1035,7 +1035,7 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     with _on_device(q.device):
         # the Gluon sm90 kernel first: where it runs, nothing below is needed (its host path
         # is kept short: this runs once per attention call)
-        if _use_sm90(q, k, v, sm_scale, bool(is_causal), has_mask and (rb or cb)):
+        if _use_sm90(q, k, v, sm_scale, bool(is_causal)):
             try:
                 flags = (has_mask, is_bool, rb, cb)
                 flash_hopper.forward(q, k, v, mask, ms, flags, bool(is_causal), sm_scale, out, lse)
@@ -1161,7 +1161,7 @@ def _sm90_key(q, capability=None):
     return (capability or _capability(q.device), q.dtype, q.shape[-1])
 
 
-def _use_sm90(q, k, v, sm_scale, causal=False, row_mask=False):
+def _use_sm90(q, k, v, sm_scale, causal=False):
     """Whether the Gluon FlashAttention-3-style forward (:mod:`.flash_hopper`) takes the call:
     where it can (Hopper, fp16/bf16, D = Dv in {64, 128}, aligned strides) unless
     ``ADAATTN_FLASH_SM90=0`` or it failed to build before for this (capability, dtype, D), and
@@ -1175,7 +1175,7 @@ def _use_sm90(q, k, v, sm_scale, causal=False, row_mask=False):
         return False
     if _fwd_flops(q, k, causal) < _sm90_min_flops():
         return False
-    return flash_hopper.unsupported(q, k, v, sm_scale, cap, causal, row_mask) is None
+    return flash_hopper.unsupported(q, k, v, sm_scale, cap, causal) is None
 
 
 def _fwd_flops(q, k, causal):

@@ -180,15 +180,15 @@ if AVAILABLE:
                 done += 1
 
     @gluon.jit
-    def _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
-                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+    def _softmax_tile(s, m_i, qk_scale, j, mask_from, offs_m, mask_base, stride_mm, stride_mn,
+                      Lq, Lk, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
                       HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
                       MASK_CB: gl.constexpr, BIAS_TC: gl.constexpr, layout: gl.constexpr):
         """Online-softmax step for score tile j: returns (p, m_new, m_use) with the running
         max in log2 units. Element masking (causal diagonal, keys past Lk) only on the tiles
-        that need it (MASKED). Without a user mask, or with one the tensor cores already
-        added (BIAS_TC), the scale is applied inside the exp2 argument (one FMA an element:
-        needs qk_scale > 0, which the host checks)."""
+        that need it (MASKED; 2: decided at run time, on tiles j >= mask_from). Without a user
+        mask, or with one the tensor cores already added (BIAS_TC), the scale is applied inside
+        the exp2 argument (one FMA an element: needs qk_scale > 0, which the host checks)."""
         offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, layout))
         if HAS_MASK and not BIAS_TC:
             # Loaded in compact layouts, then moved into the accumulator's layout (a small
@@ -220,7 +220,13 @@ if AVAILABLE:
                 s = gl.where(am != 0, s * qk_scale, float("-inf"))
             else:
                 s = s * qk_scale + am.to(gl.float32) * 1.4426950408889634
-        if MASKED:
+        if MASKED == 2:
+            if j >= mask_from:
+                ok = gl.expand_dims(offs_n < Lk, 0)
+                if CAUSAL:
+                    ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
+                s = gl.where(ok, s, float("-inf"))
+        elif MASKED:
             ok = gl.expand_dims(offs_n < Lk, 0)
             if CAUSAL:
                 ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
@@ -265,8 +271,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _step(q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty, turn, s_zero,
-              acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale, offs_m, mask_base,
-              stride_mm, stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
+              acc, m_i, l_i, p_prev, prev, prev_phase, it, j, mask_from, qk_scale, offs_m,
+              mask_base, stride_mm, stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               MASKED: gl.constexpr, HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr,
               MASK_RB: gl.constexpr, MASK_CB: gl.constexpr, PINGPONG: gl.constexpr,
@@ -288,9 +294,9 @@ if AVAILABLE:
             mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
         s, acc = _hopper.warpgroup_mma_wait(1, deps=[s_tok, acc])
         mbarrier.arrive(k_empty.index(slot))
-        p, m_new, m_use = _softmax_tile(s, m_i, qk_scale, j, offs_m, mask_base, stride_mm,
-                                        stride_mn, Lq, Lk, BLOCK_N, CAUSAL, MASKED, HAS_MASK,
-                                        MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
+        p, m_new, m_use = _softmax_tile(s, m_i, qk_scale, j, mask_from, offs_m, mask_base,
+                                        stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL, MASKED,
+                                        HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         p16 = p.to(p_prev.dtype)  # before the wait: the fp32 tile dies here, not after it
@@ -312,11 +318,11 @@ if AVAILABLE:
         """Softmax of a tile's S_0 -> (running max, running sum, P_0 as the P.V operand)."""
         m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
         if n_full > 0:
-            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base, stride_mm,
                                           stride_mn, Lq, Lk, BLOCK_N, CAUSAL, False, HAS_MASK,
                                           MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
         else:
-            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base, stride_mm,
+            p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base, stride_mm,
                                           stride_mn, Lq, Lk, BLOCK_N, CAUSAL, True, HAS_MASK,
                                           MASK_BOOL, MASK_RB, MASK_CB, BIAS_TC, mma)
         return m_i, gl.sum(p, 1), gl.convert_layout(p.to(dtype), p_layout)
@@ -418,14 +424,18 @@ if AVAILABLE:
         product of a tile is issued together with S_0 of the next one, and the softmax of that
         S_0 runs while the P.V product still runs, before the tile's epilogue. Started and
         finished on their own (the other branch), each tile exposes a product and a softmax at
-        each end. The turnover loop gave wrong rows, not understood (the values change from run
-        to run, so a race), where a tile's unmasked loop is empty and its masked loop is not:
-        non-causal with 128 < Lk < 256 (head dim 64, H100: every launch), causal at every
-        head's query block 1 (its second warpgroup's rows, with inputs of 64 MB and more,
-        H200); wrapping the unmasked loop in an ``if`` instead gave illegal memory accesses.
-        So the launch plan takes the turnover only where every tile runs its unmasked loop at
-        least once (non-causal, Lk >= 2 BLOCK_N) and causal launches take the tile-by-tile
-        loop."""
+        each end.
+
+        TURNOVER 1 walks a tile's key tiles in two loops, those that need no element mask and
+        then the masked ones (the branch costs registers at D = 128); 2 in one loop that
+        decides per tile whether to mask (causal launches, and short keys). Two loops gave
+        wrong rows, not understood (the values change from run to run, so a race), where a
+        tile's unmasked loop is empty and its masked loop is not: non-causal with 128 < Lk <
+        256 (head dim 64, H100: every launch), causal at every head's query block 1 (its
+        second warpgroup's rows, with inputs of 64 MB and more, H200); an ``if`` around the
+        empty loop gave illegal memory accesses instead. One loop gave none of that (causal
+        D = 64 / 128 at 2^25-element inputs, H100), so the launch plan takes two loops only
+        where every tile runs its unmasked loop at least once (non-causal, Lk >= 2 BLOCK_N)."""
         ROWS: gl.constexpr = 64
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -465,20 +475,29 @@ if AVAILABLE:
                              + off_h.to(gl.int64) * stride_mh)
                 qs = done % QBUF
                 q = q_smem.index(qs * NUM_WG + WG)
-                for j in range(1, n_full):
-                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
-                        offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
-                        STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                        BIAS_TC, mma, mma_o, p_layout, True)
-                for j in range(gl.maximum(n_full, 1), n_blocks):
-                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
-                        offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
-                        STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                        BIAS_TC, mma, mma_o, p_layout, True)
+                if TURNOVER == 2:
+                    for j in range(1, n_blocks):
+                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full,
+                            v_empty, turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it,
+                            j, n_full, qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
+                            WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, 2, HAS_MASK, MASK_BOOL,
+                            MASK_RB, MASK_CB, PINGPONG, BIAS_TC, mma, mma_o, p_layout, True)
+                else:
+                    for j in range(1, n_full):
+                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full,
+                            v_empty, turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it,
+                            j, n_full, qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
+                            WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL,
+                            MASK_RB, MASK_CB, PINGPONG, BIAS_TC, mma, mma_o, p_layout, True)
+                    for j in range(gl.maximum(n_full, 1), n_blocks):
+                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full,
+                            v_empty, turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it,
+                            j, n_full, qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk,
+                            WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL,
+                            MASK_RB, MASK_CB, PINGPONG, BIAS_TC, mma, mma_o, p_layout, True)
                 # every S of this tile is done: the producer may bring Q for the tile after next
                 mbarrier.arrive(q_empty.index(qs))
                 done += 1
@@ -557,12 +576,12 @@ if AVAILABLE:
                     mbarrier.arrive(k_empty.index(slot))
                     m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
                     if n_full > 0:
-                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
                                                       stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
                                                       False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
                                                       BIAS_TC, mma)
                     else:
-                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, offs_m, mask_base,
+                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
                                                       stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
                                                       True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
                                                       BIAS_TC, mma)
@@ -577,17 +596,17 @@ if AVAILABLE:
                     for j in range(1, n_full):
                         acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
                             q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
-                            offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
-                            STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                            BIAS_TC, mma, mma_o, p_layout, False)
+                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
+                            qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
+                            BLOCK_N, STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                            PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
                     for j in range(gl.maximum(n_full, 1), n_blocks):
                         acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
                             q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, qk_scale,
-                            offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N,
-                            STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, PINGPONG,
-                            BIAS_TC, mma, mma_o, p_layout, False)
+                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
+                            qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
+                            BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                            PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
                     # every S of this tile is done: the producer may bring the next tile's Q
                     mbarrier.arrive(q_empty.index(qs))
 
@@ -724,9 +743,17 @@ if AVAILABLE:
 #   work (PAIRED, see _unit_tiles).
 # * QBUF: Q slots; two for persistent launches, so that the next tile's Q arrives while this
 #   tile runs (one program per tile has a single tile: one slot).
-# * TURNOVER (see _consumer): a tile's last P.V issued with the next tile's S_0; not causal.
+# * TURNOVER (see _consumer): a tile's last P.V issued with the next tile's S_0; 0: tile by
+#   tile, 1: the key tiles in two loops (unmasked, masked), 2: in one loop.
 # * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
 #   checked for spills with scripts/sm90_offline_compile.py.
+def _turnover(kind, causal):
+    """The built-in TURNOVER (see _consumer): one key loop for causal launches, two otherwise;
+    none with full masks (their tile loads spill registers in the turnover loop: 88 bytes of
+    stack at D = 128, offline compile)."""
+    return 0 if kind == "tile" else 2 if causal else 1
+
+
 _BASE = {
     (64, "none"): (128, 3, 3, True, 24, 160),
     (64, "row"): (128, 3, 3, True, 24, 160),
@@ -738,9 +765,7 @@ _BASE = {
 # Causal D = 64 on two warpgroups: three (160 registers each) ran causal 2k / 4k / 8k at
 # 249 / 367 / 399 TFLOP/s against 351 / 395 / 410 for two (H100, sixth session).
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
-# TURNOVER: not for causal launches (see _consumer), nor for full masks (their tile loads spill
-# registers in the turnover loop: 88 bytes of stack at D = 128, offline compile).
-_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, not causal and kind != "tile")
+_CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
 HEAD_DIMS = (64, 128)
@@ -762,7 +787,7 @@ def config(head_d, kind, causal):
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
     qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
-    turnover = bool(v[8]) if len(v) > 8 else not causal and kind != "tile"
+    turnover = v[8] if len(v) > 8 else _turnover(kind, causal)
     return (v[0], v[1], v[2], bool(v[3]), bool(v[4]), v[5], v[6], qbuf, turnover)
 
 
@@ -781,10 +806,9 @@ def tma_aligned(t):
                for n, st in zip(t.shape[:-1], strides[:-1]))
 
 
-def unsupported(q, k, v, scale, capability, causal=False, row_mask=False):
+def unsupported(q, k, v, scale, capability, causal=False):
     """None if :func:`forward` takes these (4-D, already validated by ``flash.supports``)
-    inputs on a device of ``capability``, else a short reason. ``row_mask``: the call has a
-    mask broadcast over queries (a padding bias: see :func:`mask_kind`)."""
+    inputs on a device of ``capability``, else a short reason."""
     if not AVAILABLE:
         return "Gluon (triton >= 3.5) unavailable"
     if _INTERPRET or q.device.type != "cuda":
@@ -796,9 +820,8 @@ def unsupported(q, k, v, scale, capability, causal=False, row_mask=False):
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
         return f"head dims {D}/{Dv} (the Gluon kernel takes D = Dv in {HEAD_DIMS})"
-    if D == 64 and causal and not _causal64(row_mask):
-        # (checked first: the checks below cost microseconds per call)
-        return "causal with head dim 64 and no row mask (the Triton kernel measured as fast)"
+    if D == 64 and causal and not _causal64():
+        return "causal with head dim 64 (ADAATTN_SM90_CAUSAL64=0)"
     if not (tma_aligned(q) and tma_aligned(k) and tma_aligned(v)):
         return "strides not 16-byte aligned"
     if not scale > 0:
@@ -806,16 +829,13 @@ def unsupported(q, k, v, scale, capability, causal=False, row_mask=False):
     return None
 
 
-def _causal64(row_mask):
-    """Whether causal D = 64 takes this kernel. Unmasked, the Triton-language kernel is as fast
-    (H100, bf16, causal 2k / 4k / 8k: 351 / 395 / 410 TFLOP/s on two warpgroups, Triton 347 /
-    395 / 425); with a padding bias it is not (ours 334 / 399 on two warpgroups, the Triton
-    kernel 284 / 335: its bias costs a fifth, ours rides on the tensor cores), so row-masked
-    calls come here. ``ADAATTN_SM90_CAUSAL64``: ``1`` every causal D = 64 call, ``0`` none."""
-    flag = os.environ.get("ADAATTN_SM90_CAUSAL64", "")
-    if flag in ("0", "1"):
-        return flag == "1"
-    return row_mask
+def _causal64():
+    """Whether causal D = 64 takes this kernel: yes since its causal tiles follow one another
+    without a gap (TURNOVER 2: H100, bf16, causal 2k / 4k / 8k / 16k 374 / 407 / 441 / 447
+    TFLOP/s against the Triton-language kernel's 348 / 392 / 417 / 418; tile by tile it was
+    as fast as that one unmasked, and took only row-masked calls). ``ADAATTN_SM90_CAUSAL64=0``
+    sends them to the Triton kernel."""
+    return os.environ.get("ADAATTN_SM90_CAUSAL64", "") not in ("0", "false", "False", "no")
 
 
 def tma_strides(t):
@@ -932,8 +952,9 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
     block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
     Lk = k.shape[2]
-    # the turnover loop only where every tile's unmasked loop runs (see _consumer)
-    turnover = turnover and Lk >= 2 * block_n
+    # two key loops only where every tile runs the first one (see _consumer)
+    if turnover == 1 and Lk < 2 * block_n:
+        turnover = 2
     n_m = -(-Lq // (64 * num_wg))
     paired = bool(is_causal) and persistent
     units = B * Hq * ((n_m + 1) // 2 if paired else n_m)
