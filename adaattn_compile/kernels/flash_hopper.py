@@ -18,15 +18,20 @@ schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
   (one mbarrier per warpgroup passes the turn), so that one warpgroup's softmax overlaps the
   other's products instead of all of them contending for the tensor cores and then all idling
   in softmax.
-* **Persistent programs** (``PERSISTENT``, non-causal): one program per SM walks the work tiles,
-  and the producer loads the next tile's Q / K / V while the consumers finish the last one.
+* **Persistent programs** (``PERSISTENT``): one program per SM walks the work tiles (causal:
+  pairs of query blocks of equal total work), and the producer loads the next tile's Q / K / V
+  while the consumers finish the last one.
+* **Turnover** (``TURNOVER``): a tile's last P·V is issued with the next tile's S_0, so that
+  tiles follow one another on the tensor cores without a gap.
+* **O through a bulk copy** (``O_TMA``, D = 128): the epilogue stages O in shared memory and
+  leaves the store to the copy engine.
 
 Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == Dv`` in
 {64, 128}, q / k / v with 16-byte aligned strides and unit last stride (read in place through
 4-D tensor descriptors: no copies, any (B, H, L, D) stride order), GQA / MQA by indexing the
-kv head, any Lq / Lk >= 1, top-left causal (head dim 128: causal D=64 measured faster on the
-Triton kernel), and masks: a bool or additive mask broadcastable to (B, H, Lq, Lk), read tile by
-tile (a (.., 1, Lk) key-padding row costs one vector load per tile). Numerics are those of
+kv head, any Lq / Lk >= 1, top-left causal, and masks: a bool or additive mask broadcastable
+to (B, H, Lq, Lk), read tile by tile (a (.., 1, Lk) key-padding row rides on the tensor
+cores, see _bias_operand). Numerics are those of
 :mod:`.flash`: fp32 accumulation, fp32 statistics with ``exp2`` (``log2 e`` folded into the
 scale), fully masked rows give 0 and ``lse = -inf``.
 
