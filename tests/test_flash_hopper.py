@@ -85,8 +85,8 @@ CASES = [
     (3, 16, 16, 1000, 1500, 64, False, None, "blhd"),
     (2, 16, 4, 1300, 1700, 128, False, None, "blhd"),
     (4, 8, 8, 1500, 1500, 128, False, "pad-bias", "bhld"),
-    # one full key tile and a ragged second (the turnover loop gave wrong rows there: the
-    # launch plan keeps it off), the shapes next to it, short keys over many tiles
+    # one full key tile and a ragged second (two key loops gave wrong rows there: the launch
+    # plan takes one), the shapes next to it, short keys over many tiles
     (2, 4, 4, 200, 200, 64, False, None, "bhld"),
     (8, 16, 16, 1000, 100, 64, False, None, "bhld"),
     (4, 16, 4, 2048, 256, 128, False, "pad-bias", "blhd"),
