@@ -412,9 +412,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _consumer(Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs, q_full,
-                  q_empty, k_full,
-                  k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale, bias_hi, bias_lo,
-                  Lq, Lk,
+                  q_empty, k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
+                  bias_hi, bias_lo, Lq, Lk,
                   stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                   stride_mb, stride_mh, stride_mm, stride_mn,
                   WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -734,6 +733,13 @@ if AVAILABLE:
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
+def _turnover(kind, causal):
+    """The built-in TURNOVER (see _consumer): one key loop for causal launches, two otherwise;
+    none with full masks (their tile loads spill registers in the turnover loop: 88 bytes of
+    stack at D = 128, offline compile)."""
+    return 0 if kind == "tile" else 2 if causal else 1
+
+
 # (BLOCK_N, NUM_WG, STAGES, PINGPONG, PERSISTENT, PRODUCER_REGS, CONSUMER_REGS, QBUF, TURNOVER) per
 # head dim, mask kind ("none"; "row": a mask broadcast over queries or keys, a vector per tile;
 # "tile": a full (.., Lq, Lk) mask, whose tile takes registers: 64-key tiles keep it from
@@ -752,13 +758,6 @@ if AVAILABLE:
 #   tile, 1: the key tiles in two loops (unmasked, masked), 2: in one loop.
 # * Registers: 128 threads x (CONSUMER_REGS x NUM_WG + PRODUCER_REGS) <= 64K; each config was
 #   checked for spills with scripts/sm90_offline_compile.py.
-def _turnover(kind, causal):
-    """The built-in TURNOVER (see _consumer): one key loop for causal launches, two otherwise;
-    none with full masks (their tile loads spill registers in the turnover loop: 88 bytes of
-    stack at D = 128, offline compile)."""
-    return 0 if kind == "tile" else 2 if causal else 1
-
-
 _BASE = {
     (64, "none"): (128, 3, 3, True, 24, 160),
     (64, "row"): (128, 3, 3, True, 24, 160),
