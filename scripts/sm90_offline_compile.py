@@ -52,16 +52,19 @@ def resources(kernel):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--variants", default="plain,causal,bias,bias_alu,mask")
+    ap.add_argument("--variants", default="plain,causal,bias,bias_causal,bias_alu,mask")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--dump", default="", help="folder for ttgir/ptx of each variant")
     a = ap.parse_args()
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     for D in [int(x) for x in a.dims.split(",")]:
         for variant in a.variants.split(","):
-            kind = {"bias": "row", "bias_alu": "row", "mask": "tile"}.get(variant, "none")
-            bias_tc = variant == "bias"   # bias_alu: the row bias added in registers
-            cfg = fh.config(D, kind, variant == "causal")
+            kind = {"bias": "row", "bias_causal": "row", "bias_alu": "row",
+                    "mask": "tile"}.get(variant, "none")
+            # bias_alu: the row bias added in registers
+            bias_tc = variant in ("bias", "bias_causal")
+            causal = variant in ("causal", "bias_causal")
+            cfg = fh.config(D, kind, causal)
             block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
             B, H, L = 2, 4, 1024
             o_tma = fh._o_tma(D, block_n, num_wg, stages, qbuf, bias_tc)
@@ -81,10 +84,10 @@ def main():
                         n_units=B * H * 8, Hq=H, GROUP=1, kb_nb=B, kb_nh=1, bias_hi=8.0,
                         bias_lo=0.0,
                         Lq=L, Lk=L, qk_scale=0.1, HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg,
-                        STAGES=stages, CAUSAL=variant == "causal", HAS_MASK=has_mask,
+                        STAGES=stages, CAUSAL=causal, HAS_MASK=has_mask,
                         MASK_BOOL=variant == "mask", MASK_RB=kind == "row", MASK_CB=False,
                         PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
-                        PAIRED=variant == "causal" and persistent, BIAS_TC=bias_tc,
+                        PAIRED=causal and persistent, BIAS_TC=bias_tc,
                         TURNOVER=turnover, O_TMA=o_tma)
             try:
                 k = compile_sm90(fh._attn_fwd_sm90, args)

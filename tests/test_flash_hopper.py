@@ -290,10 +290,12 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
     monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     B, H, L = 4, 16, 2048
-    for D, causal, bias, o_tma, programs in [(128, False, False, True, 132),
-                                             (128, True, False, True, 132),
-                                             (128, False, True, False, 132),
-                                             (64, False, True, False, 132)]:
+    # O_TMA: 1 a slab of its own, 2 staged in the Q slot (a bias: no room for the slab)
+    for D, causal, bias, o_tma, programs in [(128, False, False, 1, 132),
+                                             (128, True, False, 1, 132),
+                                             (128, False, True, 2, 132),
+                                             (128, True, True, 2, 132),
+                                             (64, False, True, 0, 132)]:
         q = torch.empty(B, H, L, D, dtype=torch.bfloat16)
         mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16) if bias else torch.empty(1)
         flags = (True, False, True, False) if bias else (False, False, False, False)
@@ -302,12 +304,15 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
             q, q, mask, strides, flags, causal, D ** -0.5, q, torch.empty(B, H, L))
         named = dict(zip(flash_hopper._CONSTEXPRS, consts))
         assert (named["HEAD_D"], named["CAUSAL"], named["BIAS_TC"]) == (D, causal, bias)
-        assert named["TURNOVER"] == (2 if causal else 1) and named["O_TMA"] is o_tma
+        assert named["TURNOVER"] == (2 if causal else 1) and named["O_TMA"] == o_tma
         assert n_prog == programs
-    monkeypatch.setenv("ADAATTN_SM90_O_TMA", "0")
-    consts = flash_hopper._launch_plan(q, q, mask, strides, flags, False, 0.125, q,
-                                       torch.empty(B, H, L))[4]
-    assert dict(zip(flash_hopper._CONSTEXPRS, consts))["O_TMA"] is False
+    q = torch.empty(B, H, L, 128, dtype=torch.bfloat16)
+    for switch, o_tma in [("0", 0), ("q", 2)]:   # (unmasked D = 128: 1 by default)
+        monkeypatch.setenv("ADAATTN_SM90_O_TMA", switch)
+        consts = flash_hopper._launch_plan(q, q, torch.empty(1), (0, 0, 0, 0),
+                                           (False, False, False, False), False, 0.125, q,
+                                           torch.empty(B, H, L))[4]
+        assert dict(zip(flash_hopper._CONSTEXPRS, consts))["O_TMA"] == o_tma
 
 
 def _random_cases(n, seed):

@@ -23,8 +23,9 @@ schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
   while the consumers finish the last one.
 * **Turnover** (``TURNOVER``): a tile's last P·V is issued with the next tile's S_0, so that
   tiles follow one another on the tensor cores without a gap.
-* **O through a bulk copy** (``O_TMA``, D = 128): the epilogue stages O in shared memory and
-  leaves the store to the copy engine.
+* **O through a bulk copy** (``O_TMA``, D = 128): the epilogue stages O in shared memory (a
+  slab of its own, or with a bias tile in the ring, the tile's finished Q slot) and leaves the
+  store to the copy engine.
 
 Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == Dv`` in
 {64, 128}, q / k / v with 16-byte aligned strides and unit last stride (read in place through
@@ -333,17 +334,20 @@ if AVAILABLE:
         return m_i, gl.sum(p, 1), gl.convert_layout(p.to(dtype), p_layout)
 
     @gluon.jit
-    def _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, off_b, off_h, start_m, Lq,
-                  stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-                  WG: gl.constexpr, HEAD_D: gl.constexpr, HAS_MASK: gl.constexpr,
-                  O_TMA: gl.constexpr, dtype: gl.constexpr, mma: gl.constexpr,
-                  mma_o: gl.constexpr):
+    def _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b, off_h, start_m,
+                  Lq, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+                  WG: gl.constexpr, NUM_WG: gl.constexpr, HEAD_D: gl.constexpr,
+                  HAS_MASK: gl.constexpr, O_TMA: gl.constexpr, dtype: gl.constexpr,
+                  mma: gl.constexpr, mma_o: gl.constexpr):
         """O = acc / l, lse = (m + log2 l) ln 2 for one warpgroup's 64 rows; fully masked
-        rows: 0 and -inf. O_TMA: O goes out through this warpgroup's shared-memory slab and a
-        bulk tensor copy (rows past Lq are clipped by the copy engine), which the warpgroup
+        rows: 0 and -inf. O_TMA 1: O goes out through this warpgroup's shared-memory slab and
+        a bulk tensor copy (rows past Lq are clipped by the copy engine), which the warpgroup
         does not wait for; stored from registers instead, the epilogue took ~3000 cycles a
         tile (more than a loop iteration: 7 % of a tile at L = 2k, D = 128, H200, clock64
-        trace), the tensor cores idle meanwhile."""
+        trace), the tensor cores idle meanwhile. O_TMA 2: the slab is this warpgroup's part of
+        the tile's Q slot ``qs``, finished with: the copy engine must have read it before the
+        slot is released to the producer (``q_empty``), so the warpgroup waits for that read
+        (not for the write to memory)."""
         if HAS_MASK:
             empty = l_i == 0.0
             l_safe = gl.where(empty, 1.0, l_i)
@@ -353,9 +357,15 @@ if AVAILABLE:
             lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, mma_o))
         out = (acc * gl.expand_dims(inv_l, 1)).to(dtype)
-        if O_TMA:
+        if O_TMA == 1:
             o_slab = o_smem.index(WG)
             tma.store_wait(0)   # the previous tile's O has left the slab
+            o_slab.store(out)
+            _hopper.fence_async_shared()
+            tma.async_copy_shared_to_global(desc_o, [off_b, off_h, start_m + WG * 64, 0],
+                                            o_slab.reshape([1, 1, 64, HEAD_D]))
+        elif O_TMA == 2:
+            o_slab = o_smem.index(qs * NUM_WG + WG)
             o_slab.store(out)
             _hopper.fence_async_shared()
             tma.async_copy_shared_to_global(desc_o, [off_b, off_h, start_m + WG * 64, 0],
@@ -369,6 +379,9 @@ if AVAILABLE:
         rows_l = start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
         l_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
         gl.store(l_base + rows_l, lse, mask=rows_l < Lq)
+        if O_TMA == 2:   # (after the LSE store: the copy engine reads the slab meanwhile)
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(qs))
 
     @gluon.jit
     def _last_pv(acc, p_prev, v_bufs, v_full, v_empty, prev, prev_phase):
@@ -503,7 +516,9 @@ if AVAILABLE:
                             WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL,
                             MASK_RB, MASK_CB, PINGPONG, BIAS_TC, mma, mma_o, p_layout, True)
                 # every S of this tile is done: the producer may bring Q for the tile after next
-                mbarrier.arrive(q_empty.index(qs))
+                # (O_TMA 2: once O has left the slot, in the epilogue)
+                if O_TMA != 2:
+                    mbarrier.arrive(q_empty.index(qs))
                 done += 1
                 this_unit = unit
                 this_sub = sub
@@ -547,9 +562,9 @@ if AVAILABLE:
                     acc = _last_pv(acc, p_prev, v_bufs, v_full, v_empty, prev, prev_phase)
                 off_b, off_h, start_m, n_blocks, n_full = _tile(this_unit, this_sub, n_m, Hq, Lk,
                                                                 BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
-                _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, off_b, off_h, start_m, Lq,
-                          stride_ob, stride_oh, stride_om, stride_lb, stride_lh, WG, HEAD_D,
-                          HAS_MASK, O_TMA, dtype, mma, mma_o)
+                _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b, off_h,
+                          start_m, Lq, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, WG,
+                          NUM_WG, HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
                 acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
                 m_i = n_m_i
                 l_i = n_l_i
@@ -612,18 +627,20 @@ if AVAILABLE:
                             BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
                             PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
                     # every S of this tile is done: the producer may bring the next tile's Q
-                    mbarrier.arrive(q_empty.index(qs))
+                    # (O_TMA 2: once O has left the slot, in the epilogue)
+                    if O_TMA != 2:
+                        mbarrier.arrive(q_empty.index(qs))
 
                     mbarrier.wait(v_full.index(prev), prev_phase)
                     acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
                     acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
                     mbarrier.arrive(v_empty.index(prev))
 
-                    _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, off_b, off_h, start_m,
-                              Lq, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, WG,
-                              HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
+                    _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b,
+                              off_h, start_m, Lq, stride_ob, stride_oh, stride_om, stride_lb,
+                              stride_lh, WG, NUM_WG, HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
                     done += 1
-        if O_TMA:   # the last O must leave shared memory before the program ends
+        if O_TMA == 1:   # the last O must leave shared memory before the program ends
             tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["Lq", "Lk"])
@@ -652,10 +669,10 @@ if AVAILABLE:
             kb_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, 16], kb_layout)
         else:
             kb_bufs = k_bufs   # (not read)
-        if O_TMA:  # a 64-row O slab per consumer warpgroup, for the bulk copy out
+        if O_TMA == 1:  # a 64-row O slab per consumer warpgroup, for the bulk copy out
             o_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 64, HEAD_D], smem)
         else:
-            o_smem = q_smem    # (not written)
+            o_smem = q_smem    # (O_TMA 2: O is staged in the finished Q slot; else not written)
         bar: gl.constexpr = mbarrier.MBarrierLayout()
         q_full = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
         q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], bar)
@@ -933,18 +950,27 @@ _SMEM_BYTES = 227 * 1024 - 1024
 
 
 def _o_tma(head_d, block_n, num_wg, stages, qbuf, bias_tc):
-    """Whether O leaves through shared memory and a bulk copy (see _epilogue): at D = 128,
-    where its (NUM_WG x 64 x D) slabs fit next to the Q slots, the K/V ring and the bias tiles
-    (2-byte elements; not with a bias on the tensor cores: 8 KB over). Not at D = 64: its
-    epilogue is half the size, and the staging made the three 160-register consumer
-    warpgroups spill (88 bytes of stack): unmasked it measured even, with a padding bias 13 %
-    slower (H100, 2k / 8k: 396 / 445 TFLOP/s against 457 / 505). ``ADAATTN_SM90_O_TMA=0``
-    turns it off."""
+    """How O leaves (see _epilogue): 1 through a shared-memory slab of its own and a bulk
+    copy, at D = 128 where its (NUM_WG x 64 x D) slabs fit next to the Q slots, the K/V ring
+    and the bias tiles (2-byte elements); 2 staged in the tile's finished Q slot where they do
+    not (a bias on the tensor cores: 8 KB over), with two Q slots (with one, the next tile's
+    Q would wait for this tile's O); 0 from registers. Staged in the Q slot, the warpgroup
+    waits for the copy engine to read O (the slot goes back to the producer): with a bias at
+    causal 2k / 4k / 8k / 16k 497 / 548 / 578 / 609 TFLOP/s against 463 / 512 / 555 / 587 from
+    registers, unmasked 2-6 % slower than a slab of its own (H100, bf16). Not at D = 64: its epilogue is half the
+    size, and the staging made the three 160-register consumer warpgroups spill (88 bytes of
+    stack): unmasked it measured even, with a padding bias 13 % slower (H100, 2k / 8k: 396 /
+    445 TFLOP/s against 457 / 505). ``ADAATTN_SM90_O_TMA=0`` turns it off, ``=q`` stages O
+    in the Q slot wherever it may (A/B runs)."""
+    choice = os.environ.get("ADAATTN_SM90_O_TMA", "1").strip()
+    if head_d < 128 or choice in ("0", "false", "False", "no"):
+        return 0
     q = qbuf * num_wg * 64 * head_d
     ring = stages * (2 * block_n * head_d + (block_n * 16 if bias_tc else 0))
     o = num_wg * 64 * head_d
-    return (head_d >= 128 and 2 * (q + ring + o) <= _SMEM_BYTES
-            and os.environ.get("ADAATTN_SM90_O_TMA", "1") not in ("0", "false", "False", "no"))
+    if choice != "q" and 2 * (q + ring + o) <= _SMEM_BYTES:
+        return 1
+    return 2 if qbuf >= 2 else 0
 
 
 def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
