@@ -37,6 +37,15 @@ def compile_sm90(fn, args, num_warps=4):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
+def sass(kernel):
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", "-g", f.name],
+                              capture_output=True, text=True).stdout
+
+
 def resources(kernel):
     ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -109,6 +118,8 @@ def main():
                 for ext in ("ttgir", "ptx"):
                     with open(os.path.join(a.dump, f"D{D}_{variant}.{ext}"), "w") as f:
                         f.write(k.asm[ext])
+                with open(os.path.join(a.dump, f"D{D}_{variant}.sass"), "w") as f:
+                    f.write(sass(k))   # (spills: grep STL / LDL)
 
 
 if __name__ == "__main__":

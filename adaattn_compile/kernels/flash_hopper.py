@@ -186,6 +186,17 @@ if AVAILABLE:
                 done += 1
 
     @gluon.jit
+    def _key_mask(s, offs_m, offs_n, Lk, CAUSAL: gl.constexpr):
+        """-inf where key n is past Lk or (causal) past query row m: one comparison an element
+        against the row's last visible key."""
+        if CAUSAL:
+            last = gl.minimum(offs_m, Lk - 1)
+            return gl.where(gl.expand_dims(offs_n, 0) <= gl.expand_dims(last, 1), s,
+                            float("-inf"))
+        else:
+            return gl.where(gl.expand_dims(offs_n < Lk, 0), s, float("-inf"))
+
+    @gluon.jit
     def _softmax_tile(s, m_i, qk_scale, j, mask_from, offs_m, mask_base, stride_mm, stride_mn,
                       Lq, Lk, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
                       HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
@@ -228,15 +239,9 @@ if AVAILABLE:
                 s = s * qk_scale + am.to(gl.float32) * 1.4426950408889634
         if MASKED == 2:
             if j >= mask_from:
-                ok = gl.expand_dims(offs_n < Lk, 0)
-                if CAUSAL:
-                    ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
-                s = gl.where(ok, s, float("-inf"))
+                s = _key_mask(s, offs_m, offs_n, Lk, CAUSAL)
         elif MASKED:
-            ok = gl.expand_dims(offs_n < Lk, 0)
-            if CAUSAL:
-                ok = ok & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0))
-            s = gl.where(ok, s, float("-inf"))
+            s = _key_mask(s, offs_m, offs_n, Lk, CAUSAL)
         if BIAS_TC:
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             # a row whose keys are all masked so far: keep exp2's argument finite (0, not nan)
@@ -783,12 +788,19 @@ _BASE = {
     (128, "row"): (128, 2, 2, True, 24, 240),
     (128, "tile"): (64, 2, 3, True, 24, 240),
 }
-# Causal D = 64 on two warpgroups: three (160 registers each) ran causal 2k / 4k / 8k at
-# 249 / 367 / 399 TFLOP/s against 351 / 395 / 410 for two (H100, sixth session).
+# Causal D = 64 on two warpgroups below Lq = 6k, on three above: with the turnover, three
+# (160 registers each; 96 bytes of stack) ran causal 4k / 6k / 8k / 12k / 16k at 411 / 464 /
+# 451 / 489 / 482 TFLOP/s against 408 / 427 / 434 / 439 / 432 for two (H100, bf16; a padding
+# bias or GQA alike, bias at 4k 2 % slower), at 2k 291 against 372 (192-row blocks: 11 of them
+# at 2k, a ragged one and two masked key tiles in most).
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
+_CAUSAL_LONG = {(64, "none"): (128, 3, 3, True, 24, 160), (64, "row"): (128, 3, 3, True, 24, 160)}
+_CAUSAL_LONG_LQ = 6144
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
+_CONFIGS_LONG = {(d, kind): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, True))
+                 for (d, kind), (bn, wg, st, pp, pr, cr) in _CAUSAL_LONG.items()}
 HEAD_DIMS = (64, 128)
 
 
@@ -798,13 +810,16 @@ def mask_kind(has_mask, row_bcast, col_bcast):
     return "row" if (row_bcast or col_bcast) else "tile"
 
 
-def config(head_d, kind, causal):
-    """The launch config; ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,
-    PERSISTENT,PREGS,CREGS[,QBUF[,TURNOVER]]"`` replaces it (tuning runs; QBUF defaults to 2 for
-    a persistent launch, else 1; TURNOVER to the built-in choice)."""
+def config(head_d, kind, causal, lq=0):
+    """The launch config (``lq``: query length; long causal launches may differ);
+    ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PREGS,CREGS[,
+    QBUF[,TURNOVER]]"`` replaces it (tuning runs; QBUF defaults to 2 for a persistent launch,
+    else 1; TURNOVER to the built-in choice)."""
     txt = (os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}_{kind}")
            or os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}", "")).strip()
     if not txt:
+        if causal and lq >= _CAUSAL_LONG_LQ and (head_d, kind) in _CONFIGS_LONG:
+            return _CONFIGS_LONG[(head_d, kind)]
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
     qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
@@ -979,7 +994,7 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     has_mask, is_bool, rb, cb = mask_flags
-    cfg = config(D, mask_kind(has_mask, rb, cb), is_causal)
+    cfg = config(D, mask_kind(has_mask, rb, cb), is_causal, Lq)
     block_n, num_wg, stages, pingpong, persistent, pregs, cregs, qbuf, turnover = cfg
     Lk = k.shape[2]
     # two key loops only where every tile runs the first one (see _consumer)
