@@ -308,7 +308,7 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
         mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16) if bias else torch.empty(1)
         flags = (True, False, True, False) if bias else (False, False, False, False)
         strides = (L, 0, 0, 1) if bias else (0, 0, 0, 0)
-        cfg, n_prog, ints, floats, consts, key, device = flash_hopper._launch_plan(
+        cfg, n_prog, ints, floats, consts, key, device, _ = flash_hopper._launch_plan(
             q, q, mask, strides, flags, causal, D ** -0.5, q, torch.empty(B, H, L))
         named = dict(zip(flash_hopper._CONSTEXPRS, consts))
         assert (named["HEAD_D"], named["CAUSAL"], named["BIAS_TC"]) == (D, causal, bias)
@@ -321,6 +321,58 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
                                            (False, False, False, False), False, 0.125, q,
                                            torch.empty(B, H, L))[4]
         assert dict(zip(flash_hopper._CONSTEXPRS, consts))["O_TMA"] == o_tma
+
+
+@pytest.mark.parametrize("bh, n_m, programs, block_m, L", [
+    (256, 16, 132, 128, 2048),     # 2 warpgroups, 2k: 2048 units of equal work on 132 SMs
+    (32, 128, 132, 128, 16384),
+    (32, 43, 132, 192, 8192),      # 3 warpgroups: odd n_m, units of unequal work
+    (512, 11, 132, 192, 2048),     # (the lone middle blocks would all land on 22 programs)
+    (3, 5, 15, 128, 600),          # fewer tiles than SMs: one program per tile
+    (1, 1, 1, 128, 5),
+    (7, 9, 40, 128, 1100),         # ragged last block
+])
+def test_causal_schedule(bh, n_m, programs, block_m, L):
+    """The persistent causal schedule: every tile exactly once, rows ending in two -1s, every
+    program busy, head after head at the start, and no program more than one heaviest tile
+    over the mean (the round robin over pairs left 68 of 132 programs a whole unit over)."""
+    table = flash_hopper._causal_schedule(bh, n_m, programs, block_m, 128, L, L)
+    assert table.dtype == torch.int32 and table.shape[0] == programs
+    entries = table[table >= 0]
+    assert sorted(entries.tolist()) == list(range(bh * n_m))
+    cost = [-(-min((m + 1) * block_m, L) // 128) + flash_hopper._TILE_OVERHEAD
+            for m in range(n_m)]
+    loads = []
+    for row in table.tolist():
+        n = sum(x >= 0 for x in row)
+        assert n >= 1 and all(x >= 0 for x in row[:n]) and row[n:] == [-1] * (len(row) - n)
+        assert len(row) - n >= 2
+        loads.append(sum(cost[x % n_m] for x in row[:n]))
+    assert max(loads) - sum(loads) / programs <= max(cost)
+    unbalanced = flash_hopper._causal_schedule(bh, n_m, programs, block_m, 128, L, L, False)
+    assert sorted(unbalanced[unbalanced >= 0].tolist()) == list(range(bh * n_m))
+    if bh * ((n_m + 1) // 2) >= 2 * programs:   # round robin first: program p starts on unit p
+        n_pairs = (n_m + 1) // 2
+        assert [row[0] for row in table.tolist()] == [
+            (p // n_pairs) * n_m + n_m - 1 - p % n_pairs for p in range(programs)]
+
+
+def test_launch_plan_schedule(monkeypatch):
+    """Persistent causal launches carry a schedule (its width as an int argument), others
+    none; the table is built once per shape."""
+    monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = torch.empty(8, 32, 2048, 64, dtype=torch.bfloat16)
+    plan = flash_hopper._launch_plan(q, q, torch.empty(1), (0, 0, 0, 0),
+                                     (False, False, False, False), True, 0.125, q,
+                                     torch.empty(8, 32, 2048))
+    schedule, ints = plan[7], plan[2]
+    assert schedule == (256, 16, 132, 128, 128, 2048, 2048, True)
+    assert ints[-1] == flash_hopper._causal_schedule(*schedule).shape[1] == 34
+    plan = flash_hopper._launch_plan(q, q, torch.empty(1), (0, 0, 0, 0),
+                                     (False, False, False, False), False, 0.125, q,
+                                     torch.empty(8, 32, 2048))
+    assert plan[7] == () and plan[2][-1] == 0
 
 
 def _random_cases(n, seed):

@@ -1108,7 +1108,7 @@ _FAST_FWD_ON = not _INTERPRET and launch.enabled()
 _FWD_SWITCHES = ("ADAATTN_FLASH_SM90", "ADAATTN_FLASH_TMA", "ADAATTN_FLASH_WS",
                  "ADAATTN_FLASH_BIAS_DOT", "ADAATTN_FLASH_AUTOTUNE", "ADAATTN_FLASH_CONFIGS_FWD",
                  "ADAATTN_FLASH_CONFIGS_FWD_TMA", "ADAATTN_SM90_CAUSAL64", "ADAATTN_SM90_BIAS_TC",
-                 "ADAATTN_SM90_MIN_GFLOPS", "ADAATTN_SM90_O_TMA",
+                 "ADAATTN_SM90_MIN_GFLOPS", "ADAATTN_SM90_O_TMA", "ADAATTN_SM90_BALANCE",
                  *(f"ADAATTN_SM90_CONFIG_{d}{kind}" for d in flash_hopper.HEAD_DIMS
                    for kind in ("", "_none", "_row", "_tile")))
 try:  # os.environ.get encodes the name on every call (~0.8 us each): look the bytes up

@@ -43,6 +43,7 @@ host-side choices, GPU tests the kernel.
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 import warnings
 
@@ -73,35 +74,46 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if AVAILABLE:
 
     @gluon.jit
-    def _unit_tiles(unit, n_m, PAIRED: gl.constexpr):
-        """Query blocks in work unit ``unit``: one, or (PAIRED) a head's block r with block
-        n_m - 1 - r, so that every unit of a causal launch carries the same work (n_m + 1 key
-        tiles) and a static round robin over the SMs stays balanced; the middle block of an
-        odd n_m is a unit on its own."""
+    def _first_tile(Sched, sched_w, PAIRED: gl.constexpr):
+        """-> (this program's first work tile, the one after it, schedule position). PAIRED
+        (persistent causal launches): the tiles are the program's row of the schedule table
+        (see _causal_schedule), ended by -1; else program p takes tiles p, p + P, ..."""
         if PAIRED:
-            r = unit % ((n_m + 1) // 2)
-            return 2 - (n_m - 1 - r == r).to(gl.int32)
+            row = Sched + gl.program_id(0) * sched_w
+            return gl.load(row), gl.load(row + 1), gl.program_id(0) * 0
         else:
-            return 1
+            return gl.program_id(0), gl.program_id(0), gl.program_id(0) * 0
 
     @gluon.jit
-    def _tile(unit, sub, n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              CAUSAL: gl.constexpr, PAIRED: gl.constexpr):
-        """Query block ``sub`` of work unit ``unit`` -> (batch, head, first query row, key
-        tiles to visit, how many of them need no element mask). A head's query blocks are
-        consecutive units, so that the programs running at the same time share its K / V in
-        L2 (ordering the tiles by work across heads instead measured far slower: every
-        program then streams its own K / V from memory). Causal: the heavier block first."""
+    def _next_tile(tile, nxt, pos, Sched, sched_w, PAIRED: gl.constexpr):
+        """-> the next (tile, tile after it, position). The entry after next is read a tile
+        ahead, so that its load has a whole tile to arrive (rows end in two -1)."""
         if PAIRED:
-            n_pairs = (n_m + 1) // 2
-            bh = unit // n_pairs
-            r = unit % n_pairs
-            pid_m = r + (n_m - 1 - 2 * r) * (1 - sub)   # sub 0: n_m - 1 - r; sub 1: r
+            return nxt, gl.load(Sched + gl.program_id(0) * sched_w + pos + 2), pos + 1
         else:
-            bh = unit // n_m
-            pid_m = unit % n_m
-            if CAUSAL:
-                pid_m = n_m - 1 - pid_m
+            return tile + gl.num_programs(0), nxt, pos
+
+    @gluon.jit
+    def _has_tile(tile, n_tiles, PAIRED: gl.constexpr):
+        if PAIRED:
+            return tile >= 0
+        else:
+            return tile < n_tiles
+
+    @gluon.jit
+    def _tile(tile, n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr, PAIRED: gl.constexpr):
+        """Work tile ``tile`` (batch-head x n_m + query block) -> (batch, head, first query
+        row, key tiles to visit, how many of them need no element mask). A head's query
+        blocks are consecutive tiles, so that the programs running at the same time share its
+        K / V in L2 (ordering the tiles by work across heads instead measured far slower:
+        every program then streams its own K / V from memory). Causal launches of one
+        program per tile take the heavier blocks first; persistent ones follow the schedule
+        table."""
+        bh = tile // n_m
+        pid_m = tile % n_m
+        if CAUSAL and not PAIRED:
+            pid_m = n_m - 1 - pid_m
         start_m = pid_m * BLOCK_M
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, Lk)
@@ -155,8 +167,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _producer(desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs, q_full,
-                  q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq, GROUP, Lk,
-                  kb_nb, kb_nh, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  q_empty, k_full, k_empty, v_full, v_empty, Sched, n_m, n_units, Hq, GROUP,
+                  Lk, kb_nb, kb_nh, sched_w, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   QBUF: gl.constexpr, PAIRED: gl.constexpr, BIAS_TC: gl.constexpr):
         """Bulk tensor copies, tile after tile: a tile's Q, then its K_j and V_j through the
@@ -172,18 +184,19 @@ if AVAILABLE:
         8k: 520 / 550 / 582 TFLOP/s against 544 / 567 / 590; non-causal within noise)."""
         it = 0
         done = 0
-        for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
-            for sub in range(_unit_tiles(unit, n_m, PAIRED)):
-                off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
-                                                                BLOCK_N, CAUSAL, PAIRED)
-                _load_q(desc_q, q_smem, q_full, q_empty, done, off_b, off_h, start_m, BLOCK_M,
-                        HEAD_D, QBUF)
-                for j in range(n_blocks):
-                    _load_kv(desc_k, desc_v, desc_kb, k_bufs, v_bufs, kb_bufs, k_full, k_empty,
-                             v_full, v_empty, it, j, off_b, off_h, off_h // GROUP, kb_nb, kb_nh,
-                             BLOCK_N, HEAD_D, STAGES, BIAS_TC)
-                    it += 1
-                done += 1
+        tile, nxt, pos = _first_tile(Sched, sched_w, PAIRED)
+        while _has_tile(tile, n_units, PAIRED):
+            off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M, BLOCK_N,
+                                                            CAUSAL, PAIRED)
+            _load_q(desc_q, q_smem, q_full, q_empty, done, off_b, off_h, start_m, BLOCK_M,
+                    HEAD_D, QBUF)
+            for j in range(n_blocks):
+                _load_kv(desc_k, desc_v, desc_kb, k_bufs, v_bufs, kb_bufs, k_full, k_empty,
+                         v_full, v_empty, it, j, off_b, off_h, off_h // GROUP, kb_nb, kb_nh,
+                         BLOCK_N, HEAD_D, STAGES, BIAS_TC)
+                it += 1
+            done += 1
+            tile, nxt, pos = _next_tile(tile, nxt, pos, Sched, sched_w, PAIRED)
 
     @gluon.jit
     def _key_mask(s, offs_m, offs_n, Lk, CAUSAL: gl.constexpr):
@@ -398,8 +411,8 @@ if AVAILABLE:
         return acc
 
     @gluon.jit
-    def _tile_start(q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, unit,
-                    sub, it, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
+    def _tile_start(q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, tile,
+                    it, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
                     stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                     HAS_MASK: gl.constexpr, MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr,
@@ -408,8 +421,8 @@ if AVAILABLE:
                     mma: gl.constexpr, p_layout: gl.constexpr):
         """A tile's S_0 (K/V ring position ``it``, Q slot of tile ``done``) and its softmax on
         their own -> (running max, running sum, P_0)."""
-        off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, 64 * NUM_WG,
-                                                        BLOCK_N, CAUSAL, PAIRED)
+        off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, 64 * NUM_WG, BLOCK_N,
+                                                        CAUSAL, PAIRED)
         qs = done % QBUF
         mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
         slot = it % STAGES
@@ -429,9 +442,9 @@ if AVAILABLE:
             BIAS_TC, dtype, mma, p_layout)
 
     @gluon.jit
-    def _consumer(Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs, q_full,
-                  q_empty, k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq, qk_scale,
-                  bias_hi, bias_lo, Lq, Lk,
+    def _consumer(Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
+                  q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m, n_units, Hq,
+                  sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                   stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                   stride_mb, stride_mh, stride_mm, stride_mn,
                   WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -473,24 +486,24 @@ if AVAILABLE:
         else:
             bias_a = 0
         if TURNOVER:
-            nprog = gl.num_programs(0)
-            unit = gl.program_id(0)   # < n_units: the launch has at most one program per unit
-            sub = 0
+            # (every program has a tile: the launch has at most one program per tile)
+            tile, nxt, pos = _first_tile(Sched, sched_w, PAIRED)
             done = 0   # work tiles finished (Q slot and phase)
             # the first tile's S_0 and its softmax, on their own
             m_i, l_i, p_prev = _tile_start(
-                q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, unit,
-                sub, 0, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
+                q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, tile,
+                0, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
                 stride_mn, Lq, Lk, WG, NUM_WG, BLOCK_N, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                 MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, dtype, mma, p_layout)
             prev = 0
             prev_phase = 0
             it = 1     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
             acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
-            # (only the tile's (unit, sub) is carried from one iteration to the next; the rest
-            # is recomputed from it: loop-carried values cost registers the loop has not got)
-            while unit < n_units:
-                off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
+            # (only the tile and the schedule cursor are carried from one iteration to the next;
+            # the rest is recomputed from them: loop-carried values cost registers the loop has
+            # not got)
+            while _has_tile(tile, n_units, PAIRED):
+                off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
                                                                 BLOCK_N, CAUSAL, PAIRED)
                 offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
                 mask_base = (Mask + off_b.to(gl.int64) * stride_mb
@@ -525,18 +538,14 @@ if AVAILABLE:
                 if O_TMA != 2:
                     mbarrier.arrive(q_empty.index(qs))
                 done += 1
-                this_unit = unit
-                this_sub = sub
-                sub += 1
-                if sub == _unit_tiles(unit, n_m, PAIRED):
-                    sub = 0
-                    unit += nprog
+                this_tile = tile
+                tile, nxt, pos = _next_tile(tile, nxt, pos, Sched, sched_w, PAIRED)
                 n_m_i = m_i
                 n_l_i = l_i
-                if unit < n_units:
+                if _has_tile(tile, n_units, PAIRED):
                     # S_0 of the next tile and this tile's last P.V in one turn
                     n_off_b, n_off_h, n_start_m, n_n_blocks, n_n_full = _tile(
-                        unit, sub, n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
+                        tile, n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
                     n_qs = done % QBUF
                     mbarrier.wait(q_full.index(n_qs), (done // QBUF) & 1)
                     slot = it % STAGES
@@ -565,8 +574,8 @@ if AVAILABLE:
                     it += 1
                 else:
                     acc = _last_pv(acc, p_prev, v_bufs, v_full, v_empty, prev, prev_phase)
-                off_b, off_h, start_m, n_blocks, n_full = _tile(this_unit, this_sub, n_m, Hq, Lk,
-                                                                BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
+                off_b, off_h, start_m, n_blocks, n_full = _tile(this_tile, n_m, Hq, Lk, BLOCK_M,
+                                                                BLOCK_N, CAUSAL, PAIRED)
                 _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b, off_h,
                           start_m, Lq, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, WG,
                           NUM_WG, HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
@@ -576,92 +585,95 @@ if AVAILABLE:
         else:
             it = 0     # K/V tiles consumed so far (ring slot and phase; ping-pong turn parity)
             done = 0   # work tiles finished (Q phase)
-            for unit in range(gl.program_id(0), n_units, gl.num_programs(0)):
-                for sub in range(_unit_tiles(unit, n_m, PAIRED)):
-                    off_b, off_h, start_m, n_blocks, n_full = _tile(unit, sub, n_m, Hq, Lk, BLOCK_M,
-                                                                    BLOCK_N, CAUSAL, PAIRED)
-                    offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
-                    mask_base = (Mask + off_b.to(gl.int64) * stride_mb
-                                 + off_h.to(gl.int64) * stride_mh)
-                    acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
-                    qs = done % QBUF
-                    q = q_smem.index(qs * NUM_WG + WG)
-                    mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
+            tile, nxt, pos = _first_tile(Sched, sched_w, PAIRED)
+            while _has_tile(tile, n_units, PAIRED):
+                off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
+                                                                BLOCK_N, CAUSAL, PAIRED)
+                offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
+                mask_base = (Mask + off_b.to(gl.int64) * stride_mb
+                             + off_h.to(gl.int64) * stride_mh)
+                acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
+                qs = done % QBUF
+                q = q_smem.index(qs * NUM_WG + WG)
+                mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
 
-                    # K/V tile 0: S_0 only (its P.V is issued together with S_1)
-                    slot = it % STAGES
-                    if PINGPONG:
-                        mbarrier.wait(turn.index(WG), it & 1)
-                    mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-                    s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
-                    if PINGPONG:
-                        mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
-                    s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
-                    mbarrier.arrive(k_empty.index(slot))
-                    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-                    if n_full > 0:
-                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
-                                                      stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
-                                                      False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                                                      BIAS_TC, mma)
-                    else:
-                        p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
-                                                      stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
-                                                      True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                                                      BIAS_TC, mma)
-                    l_i = gl.sum(p, 1)
-                    p_prev = gl.convert_layout(p.to(dtype), p_layout)
-                    prev = slot
-                    prev_phase = (it // STAGES) & 1
-                    it += 1
-                    # tiles that need no element mask, then the diagonal / ragged-edge ones (two
-                    # loops rather than a branch per tile: the branch costs registers the loop
-                    # has not got)
-                    for j in range(1, n_full):
-                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
-                            qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
-                            BLOCK_N, STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                            PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
-                    for j in range(gl.maximum(n_full, 1), n_blocks):
-                        acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
-                            q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
-                            turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
-                            qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
-                            BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                            PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
-                    # every S of this tile is done: the producer may bring the next tile's Q
-                    # (O_TMA 2: once O has left the slot, in the epilogue)
-                    if O_TMA != 2:
-                        mbarrier.arrive(q_empty.index(qs))
+                # K/V tile 0: S_0 only (its P.V is issued together with S_1)
+                slot = it % STAGES
+                if PINGPONG:
+                    mbarrier.wait(turn.index(WG), it & 1)
+                mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
+                s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
+                s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
+                mbarrier.arrive(k_empty.index(slot))
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+                if n_full > 0:
+                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
+                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                  False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                  BIAS_TC, mma)
+                else:
+                    p, m_i, m_use = _softmax_tile(s, m_i, qk_scale, 0, 0, offs_m, mask_base,
+                                                  stride_mm, stride_mn, Lq, Lk, BLOCK_N, CAUSAL,
+                                                  True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                                  BIAS_TC, mma)
+                l_i = gl.sum(p, 1)
+                p_prev = gl.convert_layout(p.to(dtype), p_layout)
+                prev = slot
+                prev_phase = (it // STAGES) & 1
+                it += 1
+                # tiles that need no element mask, then the diagonal / ragged-edge ones (two
+                # loops rather than a branch per tile: the branch costs registers the loop
+                # has not got)
+                for j in range(1, n_full):
+                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
+                        qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
+                        BLOCK_N, STAGES, CAUSAL, False, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                        PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
+                for j in range(gl.maximum(n_full, 1), n_blocks):
+                    acc, m_i, l_i, p_prev, prev, prev_phase, it = _step(
+                        q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty,
+                        turn, s_zero, acc, m_i, l_i, p_prev, prev, prev_phase, it, j, n_full,
+                        qk_scale, offs_m, mask_base, stride_mm, stride_mn, Lq, Lk, WG, NUM_WG,
+                        BLOCK_N, STAGES, CAUSAL, True, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                        PINGPONG, BIAS_TC, mma, mma_o, p_layout, False)
+                # every S of this tile is done: the producer may bring the next tile's Q
+                # (O_TMA 2: once O has left the slot, in the epilogue)
+                if O_TMA != 2:
+                    mbarrier.arrive(q_empty.index(qs))
 
-                    mbarrier.wait(v_full.index(prev), prev_phase)
-                    acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
-                    acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
-                    mbarrier.arrive(v_empty.index(prev))
+                mbarrier.wait(v_full.index(prev), prev_phase)
+                acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+                acc = _hopper.warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(v_empty.index(prev))
 
-                    _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b,
-                              off_h, start_m, Lq, stride_ob, stride_oh, stride_om, stride_lb,
-                              stride_lh, WG, NUM_WG, HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
-                    done += 1
+                _epilogue(acc, m_i, l_i, Out, LSE, desc_o, o_smem, q_empty, qs, off_b,
+                          off_h, start_m, Lq, stride_ob, stride_oh, stride_om, stride_lb,
+                          stride_lh, WG, NUM_WG, HEAD_D, HAS_MASK, O_TMA, dtype, mma, mma_o)
+                done += 1
+                tile, nxt, pos = _next_tile(tile, nxt, pos, Sched, sched_w, PAIRED)
         if O_TMA == 1:   # the last O must leave shared memory before the program ends
             tma.store_wait(0)
 
-    @gluon.jit(do_not_specialize=["Lq", "Lk"])
-    def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_kb, desc_o, Out, LSE, Mask,
+    @gluon.jit(do_not_specialize=["sched_w", "Lq", "Lk"])
+    def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_kb, desc_o, Out, LSE, Mask, Sched,
                        stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                        stride_mb, stride_mh, stride_mm, stride_mn,
-                       n_m, n_units, Hq, GROUP, kb_nb, kb_nh, Lq, Lk, qk_scale, bias_hi, bias_lo,
+                       n_m, n_units, Hq, GROUP, kb_nb, kb_nh, sched_w, Lq, Lk, qk_scale,
+                       bias_hi, bias_lo,
                        HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WG: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_MASK: gl.constexpr,
                        MASK_BOOL: gl.constexpr, MASK_RB: gl.constexpr, MASK_CB: gl.constexpr,
                        PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, QBUF: gl.constexpr, PAIRED: gl.constexpr,
                        BIAS_TC: gl.constexpr, TURNOVER: gl.constexpr, O_TMA: gl.constexpr):
-        """Program p does work units p, p + P, p + 2P, ... (P programs: one per unit, or one
-        per SM for the persistent launch; see forward); a unit is one query block, or two
-        (PAIRED, see _unit_tiles)."""
+        """A work tile is one query block of one (batch, head). Program p does tiles p, p + P,
+        p + 2P, ... of the n_units (P programs: one per tile, or one per SM for the persistent
+        launch; see forward), or (PAIRED) the tiles in its row of ``Sched`` (see
+        _causal_schedule)."""
         BLOCK_M: gl.constexpr = 64 * NUM_WG
         dtype: gl.constexpr = desc_q.dtype
         smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -703,51 +715,51 @@ if AVAILABLE:
         # run-time values)
         if NUM_WG == 2:
             gl.warp_specialize([
-                (_consumer, (Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m,
-                             n_units, Hq, qk_scale, bias_hi, bias_lo, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs,
+                             kb_bufs, q_full, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                             n_m, n_units, Hq, sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                              MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER, O_TMA)),
-                (_consumer, (Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m,
-                             n_units, Hq, qk_scale, bias_hi, bias_lo, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs,
+                             kb_bufs, q_full, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                             n_m, n_units, Hq, sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                              MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER, O_TMA)),
                 (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
-                             GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                             q_full, q_empty, k_full, k_empty, v_full, v_empty, Sched, n_m,
+                             n_units, Hq, GROUP, Lk, kb_nb, kb_nh, sched_w, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                              QBUF, PAIRED, BIAS_TC)),
             ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m,
-                             n_units, Hq, qk_scale, bias_hi, bias_lo, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs,
+                             kb_bufs, q_full, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                             n_m, n_units, Hq, sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              0, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                              MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER, O_TMA)),
-                (_consumer, (Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m,
-                             n_units, Hq, qk_scale, bias_hi, bias_lo, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs,
+                             kb_bufs, q_full, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                             n_m, n_units, Hq, sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              1, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                              MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER, O_TMA)),
-                (_consumer, (Out, LSE, Mask, desc_o, o_smem, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, turn, n_m,
-                             n_units, Hq, qk_scale, bias_hi, bias_lo, Lq, Lk,
+                (_consumer, (Out, LSE, Mask, Sched, desc_o, o_smem, q_smem, k_bufs, v_bufs,
+                             kb_bufs, q_full, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                             n_m, n_units, Hq, sched_w, qk_scale, bias_hi, bias_lo, Lq, Lk,
                              stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
                              stride_mb, stride_mh, stride_mm, stride_mn,
                              2, NUM_WG, BLOCK_N, HEAD_D, STAGES, CAUSAL, HAS_MASK, MASK_BOOL,
                              MASK_RB, MASK_CB, PINGPONG, QBUF, PAIRED, BIAS_TC, TURNOVER, O_TMA)),
                 (_producer, (desc_q, desc_k, desc_v, desc_kb, q_smem, k_bufs, v_bufs, kb_bufs,
-                             q_full, q_empty, k_full, k_empty, v_full, v_empty, n_m, n_units, Hq,
-                             GROUP, Lk, kb_nb, kb_nh, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
+                             q_full, q_empty, k_full, k_empty, v_full, v_empty, Sched, n_m,
+                             n_units, Hq, GROUP, Lk, kb_nb, kb_nh, sched_w, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CAUSAL,
                              QBUF, PAIRED, BIAS_TC)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
@@ -773,7 +785,8 @@ def _turnover(kind, causal):
 #   blocks differ in work: a static round robin over them lost to the hardware's dynamic
 #   scheduling of one program per block (400 vs 470 TFLOP/s at L = 2k, D = 128, third session),
 #   so a persistent causal launch pairs a head's blocks r and n_m - 1 - r into units of equal
-#   work (PAIRED, see _unit_tiles).
+#   work, and balances the last of them over the programs block by block (PAIRED, see
+#   _causal_schedule).
 # * QBUF: Q slots; two for persistent launches, so that the next tile's Q arrives while this
 #   tile runs (one program per tile has a single tile: one slot).
 # * TURNOVER (see _consumer): a tile's last P.V issued with the next tile's S_0; 0: tile by
@@ -988,6 +1001,99 @@ def _o_tma(head_d, block_n, num_wg, stages, qbuf, bias_tc):
     return 2 if qbuf >= 2 else 0
 
 
+# Per-tile cost beyond its key tiles (prologue, epilogue), in key tiles, for the balance.
+_TILE_OVERHEAD = 0.5
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_schedule(bh, n_m, programs, block_m, block_n, lq, lk, balance=True):
+    """The work tiles (``b_h * n_m + query block``) of each program of a persistent causal
+    launch, as a (programs, W) int32 table whose rows end in two -1s.
+
+    Query block r of a head needs ceil(min((r + 1) block_m, lk) / block_n) key tiles. The
+    head's blocks r and n_m - 1 - r make a unit of n_m + 1 key tiles (the middle block of an
+    odd n_m is a unit alone), and the units go round robin over the programs, head after head
+    (programs running at the same time share a head's K / V in L2), heavier block first. But
+    the units do not divide evenly over the programs: with 2048 units on 132 SMs, 68 programs
+    ran 16 and the rest 15 (3 % idle at every causal length). So the last one to two rounds of
+    units are split into their blocks and dealt out heaviest first, each to the program with
+    the least work so far (longest processing time first): the loads then end within a key
+    tile or so of each other. ``balance=False`` (``ADAATTN_SM90_BALANCE=0``, A/B runs): the
+    round robin over the pairs to the end, as before."""
+    def cost(r):
+        return -(-min((r + 1) * block_m, lk) // block_n) + _TILE_OVERHEAD
+    n_pairs = (n_m + 1) // 2
+    n_units = bh * n_pairs
+    if not balance:
+        rows = [[] for _ in range(programs)]
+        for uu in range(n_units):
+            rr, base = uu % n_pairs, (uu // n_pairs) * n_m
+            rows[uu % programs] += ([base + n_m - 1 - rr, base + rr] if n_m - 1 - rr != rr
+                                    else [base + rr])
+        width = max(len(x) for x in rows) + 2
+        return torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int32)
+    static_rounds = max(0, n_units // programs - 1)
+    n_static = static_rounds * programs
+    cost_of = torch.tensor([cost(m) for m in range(n_m)], dtype=torch.float64)
+    pair_cost = [cost(n_m - 1 - r) + (cost(r) if n_m - 1 - r != r else 0.0)
+                 for r in range(n_pairs)]
+    if len(set(pair_cost)) == 1:
+        # units of equal work: round robin, (programs, rounds, heavy / light) -> rows
+        u = torch.arange(n_static).view(static_rounds, programs).t()
+        r = u % n_pairs
+        static = torch.stack(((u // n_pairs) * n_m + n_m - 1 - r, (u // n_pairs) * n_m + r),
+                             -1).reshape(programs, -1)
+    else:
+        # (an odd n_m's lone middle block, or BLOCK_M != BLOCK_N): each unit in turn to the
+        # program with the least work so far, as a round robin would but for the work
+        rows = [[] for _ in range(programs)]
+        heap = [(0.0, p) for p in range(programs)]
+        for uu in range(n_static):
+            rr = uu % n_pairs
+            least, p = heapq.heappop(heap)
+            base = (uu // n_pairs) * n_m
+            rows[p] += [base + n_m - 1 - rr, base + rr] if n_m - 1 - rr != rr else [base + rr]
+            heapq.heappush(heap, (least + pair_cost[rr], p))
+        longest = max((len(x) for x in rows), default=0)
+        static = torch.tensor([x + [-1] * (longest - len(x)) for x in rows],
+                              dtype=torch.int64).view(programs, longest)
+    lengths = (static >= 0).sum(1).tolist()
+    load = torch.where(static >= 0, cost_of[(static % n_m).clamp(min=0)], 0.0).sum(1).tolist()
+    # the rest block by block, heaviest first, each to the least loaded program
+    tail = [(uu, m) for uu in range(static_rounds * programs, n_units)
+            for rr in [uu % n_pairs]
+            for m in ((n_m - 1 - rr, rr) if n_m - 1 - rr != rr else (rr,))]
+    tail.sort(key=lambda t: -cost(t[1]))   # (stable: a head's blocks stay together)
+    extra = [[] for _ in range(programs)]
+    heap = [(load[p], p) for p in range(programs)]
+    heapq.heapify(heap)
+    for uu, m in tail:
+        least, p = heapq.heappop(heap)
+        extra[p].append((uu // n_pairs) * n_m + m)
+        heapq.heappush(heap, (least + cost(m), p))
+    width = max(n + len(e) for n, e in zip(lengths, extra)) + 2
+    table = torch.full((programs, width), -1, dtype=torch.int32)
+    table[:, :static.shape[1]] = static.to(torch.int32)
+    for p, (n, e) in enumerate(zip(lengths, extra)):
+        if e:
+            table[p, n:n + len(e)] = torch.tensor(e, dtype=torch.int32)
+    return table
+
+
+# The schedule tables on their devices, and a one-element stand-in for launches without one.
+_SCHEDULES: dict = {}
+
+
+def _schedule_on(device, key):
+    table = _SCHEDULES.get((device, key))
+    if table is None:
+        if len(_SCHEDULES) >= 256:
+            _SCHEDULES.clear()
+        host = _causal_schedule(*key) if key else torch.full((1,), -1, dtype=torch.int32)
+        table = _SCHEDULES[(device, key)] = host.to(f"cuda:{device}")
+    return table
+
+
 def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
     """-> (config, programs, the int arguments, the float arguments after qk_scale, the
     constexpr values, the launcher key, the device index)."""
@@ -1002,21 +1108,25 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
         turnover = 2
     n_m = -(-Lq // (64 * num_wg))
     paired = bool(is_causal) and persistent
-    units = B * Hq * ((n_m + 1) // 2 if paired else n_m)
+    units = B * Hq * n_m   # work tiles
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     programs = min(units, _sm_count(device)) if persistent else units
+    schedule = ((B * Hq, n_m, programs, 64 * num_wg, block_n, Lq, Lk,
+                 os.environ.get("ADAATTN_SM90_BALANCE", "1") not in ("0", "false", "False", "no"))
+                if paired else ())
     bias_tc = _bias_tc(q, mask, mask_flags, sm_scale)
     hi, lo, _ = inv_scale_split(sm_scale, q.dtype) if bias_tc else (0.0, 0.0, 0)
     kb_nb = B if mask_strides[0] else 1
     kb_nh = Hq if mask_strides[1] else 1
     o_tma = _o_tma(D, block_n, num_wg, stages, qbuf, bias_tc)
+    sched_w = _causal_schedule(*schedule).shape[1] if paired else 0
     ints = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            *mask_strides, n_m, units, Hq, Hq // Hkv, kb_nb, kb_nh)
+            *mask_strides, n_m, units, Hq, Hq // Hkv, kb_nb, kb_nh, sched_w)
     consts = (D, block_n, num_wg, stages, bool(is_causal), has_mask, is_bool, rb, cb, pingpong,
               pregs, cregs, qbuf, paired, bias_tc, turnover, o_tma)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
            tuple(_int_spec(x) for x in ints))
-    return cfg, programs, ints, (hi, lo), consts, key, device
+    return cfg, programs, ints, (hi, lo), consts, key, device, schedule
 
 
 def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
@@ -1026,9 +1136,10 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     global _FAST_LAUNCH
     Lq, D = q.shape[2], q.shape[3]
     Lk = k.shape[2]
-    cfg, programs, ints, floats, consts, key, device = _launch_plan(
+    cfg, programs, ints, floats, consts, key, device, schedule = _launch_plan(
         q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     bias_tc, o_tma = consts[_BIAS_TC_AT], consts[_O_TMA_AT]
+    sched = _schedule_on(device, schedule)
     bk = None
     if bias_tc:
         bk = _bias_tile(mask, (q.shape[0], q.shape[1], Lq, Lk), mask_strides, mask_flags[1],
@@ -1037,7 +1148,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     if kernel is not None:
         args = (_HostDescriptor(q), _HostDescriptor(k), _HostDescriptor(v),
                 None if bk is None else _HostDescriptor(bk),
-                _HostDescriptor(out) if o_tma else None, out, lse, mask,
+                _HostDescriptor(out) if o_tma else None, out, lse, mask, sched,
                 *ints, Lq, Lk, sm_scale * _LOG2E, *floats, *consts)
         try:
             launch.run_compiled(kernel, (programs, 1, 1), device, args)
@@ -1050,7 +1161,7 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     kernel = _attn_fwd_sm90[(programs,)](
         _descriptor(q, 64, D), _descriptor(k, block_n, D), _descriptor(v, block_n, D),
         None if bk is None else _descriptor(bk, block_n, 16),
-        _descriptor(out, 64, D) if o_tma else None, out, lse, mask, *ints, Lq, Lk,
+        _descriptor(out, 64, D) if o_tma else None, out, lse, mask, sched, *ints, Lq, Lk,
         sm_scale * _LOG2E, *floats, **dict(zip(_CONSTEXPRS, consts)), num_warps=4)
     if _FAST_LAUNCH and hasattr(kernel, "packed_metadata") and hasattr(kernel, "function"):
         _LAUNCHERS[key] = kernel
@@ -1082,7 +1193,7 @@ def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     argument (shapes, strides, dtypes, alignment, mask layout, causal, scale)."""
     if not _FAST_LAUNCH:
         return None
-    _, programs, ints, floats, consts, key, device = _launch_plan(
+    _, programs, ints, floats, consts, key, device, schedule = _launch_plan(
         q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     kernel = _LAUNCHERS.get(key)
     if kernel is None:
@@ -1090,7 +1201,8 @@ def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     layouts = (*((list(t.shape), tma_strides(t)) for t in (q, k, v)),
                (list(out.shape), tma_strides(out)) if consts[_O_TMA_AT]
                else None)
-    tail = (*ints, q.shape[2], k.shape[2], sm_scale * _LOG2E, *floats, *consts)
+    tail = (_schedule_on(device, schedule), *ints, q.shape[2], k.shape[2], sm_scale * _LOG2E,
+            *floats, *consts)
     bias = None
     if consts[_BIAS_TC_AT]:   # the bias tile is built from each call's mask
         bias = ((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), mask_strides, mask_flags[1],
