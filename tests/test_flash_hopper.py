@@ -375,6 +375,36 @@ def test_launch_plan_schedule(monkeypatch):
     assert plan[7] == () and plan[2][-1] == 0
 
 
+@pytest.mark.gpu
+@sm90
+def test_sm90_causal_schedule_under_cuda_graph():
+    """A causal launch captured in a CUDA graph replays with its schedule table, also where
+    the table for the shape is first built during the capture (copied from pinned memory that
+    stays alive)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1500, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = 0.125
+    ms = flash._prep_mask(None, (2, 4, 1500, 1500), q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 4, 1500, device="cuda")
+    flash_hopper.forward(q, k, v, ms[0], ms[1], ms[2:], True, scale, out, lse)   # compile
+    for batch in (2, 3):   # 3: a shape whose table is built inside the capture
+        qb, kb, vb = (torch.randn(batch, 4, 1500, 64, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(3))
+        ob = torch.empty_like(qb)
+        lb = torch.empty(batch, 4, 1500, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            flash_hopper.forward(qb, kb, vb, ms[0], ms[1], ms[2:], True, scale, ob, lb)
+        for _ in range(2):
+            for t in (qb, kb, vb):
+                t.normal_()
+            ob.fill_(float("nan"))
+            graph.replay()
+            ref, _ = _reference(qb, kb, vb, None, True, scale)
+            assert _rel(ob, ref) < 2e-2
+
+
 def _random_cases(n, seed):
     """Seeded random shapes for the Gluon forward: lengths 1..2500 on both sides, GQA / MQA,
     both head dims, causal or not, no mask or a padding row (the kinds the fast path takes)."""

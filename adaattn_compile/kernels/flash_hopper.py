@@ -1080,18 +1080,22 @@ def _causal_schedule(bh, n_m, programs, block_m, block_n, lq, lk, balance=True):
     return table
 
 
-# The schedule tables on their devices, and a one-element stand-in for launches without one.
+# The schedule tables on their devices, and a one-element stand-in for launches without one:
+# never dropped (a CUDA graph may have captured a launch that reads one; a table holds an
+# int32 per work tile and two per program, one table per causal shape).
 _SCHEDULES: dict = {}
 
 
 def _schedule_on(device, key):
-    table = _SCHEDULES.get((device, key))
-    if table is None:
-        if len(_SCHEDULES) >= 256:
-            _SCHEDULES.clear()
+    tables = _SCHEDULES.get((device, key))
+    if tables is None:
         host = _causal_schedule(*key) if key else torch.full((1,), -1, dtype=torch.int32)
-        table = _SCHEDULES[(device, key)] = host.to(f"cuda:{device}")
-    return table
+        # (from pinned memory, kept alive with the copy: a copy made while a CUDA graph is
+        # being captured is replayed from that buffer)
+        pinned = host.pin_memory()
+        tables = _SCHEDULES[(device, key)] = (
+            pinned, pinned.to(f"cuda:{device}", non_blocking=True))
+    return tables[1]
 
 
 def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse):
