@@ -104,7 +104,7 @@ CASES = [
     (2, 8, 8, 2048, 2048, 64, True, None, "blhd"),
     (2, 16, 4, 1500, 1500, 64, True, "pad-bias", "bhld"),
     (2, 8, 1, 515, 777, 64, True, "pad-bool", "blhd"),
-    # causal D = 64 from Lq = 6k on three warpgroups (192-row blocks): ragged, a padding
+    # causal D = 64 from Lq = 5k on three warpgroups (192-row blocks): ragged, a padding
     # bias, GQA, Lq < Lk
     (1, 4, 4, 6144, 6144, 64, True, None, "bhld"),
     (1, 4, 2, 6301, 6301, 64, True, "pad-bias", "blhd"),
@@ -210,12 +210,12 @@ def test_unsupported_reasons(monkeypatch):
 
 @pytest.mark.parametrize("flag, expected", [("", True), ("1", True), ("0", False)])
 def test_causal64_routing(flag, expected, monkeypatch):
-    """Causal D = 64 takes the Gluon kernel (two warpgroups below Lq = 6k, three from there
+    """Causal D = 64 takes the Gluon kernel (two warpgroups below Lq = 5k, three from there
     on; one key loop with the turnover) unless ADAATTN_SM90_CAUSAL64=0."""
     monkeypatch.setenv("ADAATTN_SM90_CAUSAL64", flag)
     assert flash_hopper._causal64() is expected
     for kind in ("none", "row"):
-        for lq, warpgroups in [(0, 2), (2048, 2), (6143, 2), (6144, 3), (16384, 3)]:
+        for lq, warpgroups in [(0, 2), (2048, 2), (5119, 2), (5120, 3), (16384, 3)]:
             cfg = flash_hopper.config(64, kind, True, lq)
             assert cfg[1] == warpgroups and cfg[8] == 2   # one key loop
         assert flash_hopper.config(64, kind, False, 16384)[1] == 3   # (not causal: always)

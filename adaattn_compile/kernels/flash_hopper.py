@@ -801,14 +801,15 @@ _BASE = {
     (128, "row"): (128, 2, 2, True, 24, 240),
     (128, "tile"): (64, 2, 3, True, 24, 240),
 }
-# Causal D = 64 on two warpgroups below Lq = 6k, on three above: with the turnover, three
-# (160 registers each; 96 bytes of stack) ran causal 4k / 6k / 8k / 12k / 16k at 411 / 464 /
-# 451 / 489 / 482 TFLOP/s against 408 / 427 / 434 / 439 / 432 for two (H100, bf16; a padding
-# bias or GQA alike, bias at 4k 2 % slower), at 2k 291 against 372 (192-row blocks: 11 of them
-# at 2k, a ragged one and two masked key tiles in most).
+# Causal D = 64 on two warpgroups below Lq = 5k, on three from there on: with the turnover and
+# the balanced schedule (interleaved timing, H100, bf16), three (160 registers each; 56 bytes
+# of stack) ran causal 2k / 3k / 4k / 5k / 6k / 8k at 324 / 422 / 422 / 439 / 489 / 474 TFLOP/s
+# against 386 / 422 / 434 / 424 / 446 / 434 for two (a padding bias or GQA alike at 4k-16k in
+# an earlier run); at 2k the 192-row blocks (11 of them, a ragged one, two masked key tiles in
+# most) lose.
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
 _CAUSAL_LONG = {(64, "none"): (128, 3, 3, True, 24, 160), (64, "row"): (128, 3, 3, True, 24, 160)}
-_CAUSAL_LONG_LQ = 6144
+_CAUSAL_LONG_LQ = 5120
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
