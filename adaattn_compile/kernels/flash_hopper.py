@@ -19,8 +19,9 @@ schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
   other's products instead of all of them contending for the tensor cores and then all idling
   in softmax.
 * **Persistent programs** (``PERSISTENT``): one program per SM walks the work tiles (causal:
-  pairs of query blocks of equal total work), and the producer loads the next tile's Q / K / V
-  while the consumers finish the last one.
+  pairs of query blocks of equal total work, the last rounds balanced block by block, from a
+  schedule table), and the producer loads the next tile's Q / K / V while the consumers finish
+  the last one.
 * **Turnover** (``TURNOVER``): a tile's last P·V is issued with the next tile's S_0, so that
   tiles follow one another on the tensor cores without a gap.
 * **O through a bulk copy** (``O_TMA``, D = 128): the epilogue stages O in shared memory (a
