@@ -25,6 +25,7 @@ from .options import Options
 from .passes.graph_utils import hint, location, meta
 from .passes.match import AttentionMatch, find_attention
 from .passes.rewrite import erase_dead, new_site_id, rewrite_site
+from .passes.share_masks import share_mask_computations
 from .report import Decision, GraphRecord, Site, SkippedSite
 
 log = logging.getLogger("adaattn")
@@ -75,6 +76,8 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecor
             op.register_site(site_id, options)
             record.sites.append(_describe_mha(mha_match, site_id, name, options))
         erase_dead(gm, dead)
+        if record.sites:
+            share_mask_computations(gm)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # never break a model: compile the original graph
