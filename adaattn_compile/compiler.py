@@ -44,11 +44,15 @@ def reset_ids() -> None:
     mask_proofs.clear()   # (what it learnt per site belongs to the sites numbered before)
 
 
-def rewrite_graph(gm: fx.GraphModule, options: Options, name: str) -> GraphRecord:
-    """Match and rewrite every attention site of ``gm`` in place; never raises."""
+def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
+                  original: Optional[list] = None) -> GraphRecord:
+    """Match and rewrite every attention site of ``gm`` in place; never raises. ``original``
+    (a list) receives a copy of the graph as it came."""
     record = GraphRecord(name=name, code_before=gm.code)
     start = time.perf_counter()
     backup = _copy_graph(gm.graph)
+    if original is not None:
+        original.append(backup)   # (left as it came: only a failed rewrite takes it)
     try:
         matches, skipped = find_attention(gm)
         record.skipped = [SkippedSite(name, s.location, s.what, s.reason) for s in skipped]
@@ -139,7 +143,9 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
                         chosen.reason, site_id)
     if not dynamic and info.type == "cuda":
         gflops = op.planner.forward_flops(q.shape, k.shape[-2], m.causal) / 1e9
-        sdpa_takes_it = m.dropout_p == 0 and (mask is None or mask.dtype in (torch.bool, q.dtype))
+        # (torch's SDPA refuses an explicit mask together with is_causal=True: T5's decoder)
+        sdpa_takes_it = m.dropout_p == 0 and (mask is None or (
+            mask.dtype in (torch.bool, q.dtype) and not m.causal))
         why = op.planner.small_call(info, problem, options, gflops, sdpa_takes_it)
         if why is not None:
             decision = Decision("sdpa", chosen.precision, "dense", chosen.guards, why, site_id)
@@ -226,7 +232,8 @@ def dataclass_dict(options: Options) -> dict:
 
 def compile_graph(gm, example_inputs, options: Options, recorder=None):
     name = f"graph{next(_graph_ids)}"
-    record = rewrite_graph(gm, options, name)
+    original: list = []
+    record = rewrite_graph(gm, options, name, original)
     log.info("adaattn: %s: %d site(s) rewritten, %d skipped (%.1f ms)", name, len(record.sites),
              len(record.skipped), record.pass_seconds * 1e3)
     with _recorders_lock:
@@ -234,7 +241,21 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
     for target in targets:
         target.append(record)
     start = time.perf_counter()
-    compiled = inner_compile(gm, example_inputs, options.inner)
+    try:
+        compiled = inner_compile(gm, example_inputs, options.inner)
+    except Exception as exc:
+        if not record.sites:
+            raise   # (the graph as it came: not ours to hide)
+        # never break a model: the graph as it came, compiled the same way
+        record.error = f"compiling the rewritten graph failed: {type(exc).__name__}: {exc}"
+        message = (f"adaattn: {name}: {record.error}; its attention runs as written")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        record.sites = []
+        gm.graph = original[0]
+        gm.recompile()
+        record.code_after = gm.code
+        compiled = inner_compile(gm, example_inputs, options.inner)
     record.inner_seconds = time.perf_counter() - start
     return compiled
 

@@ -29,6 +29,29 @@ def test_rewrite_failure_compiles_the_graph_unchanged(monkeypatch):
             assert rel_err(compiled(idx), model(idx)) < 1e-5
 
 
+def test_failure_compiling_the_rewritten_graph_compiles_it_unchanged(monkeypatch):
+    """A rewritten graph the inner compiler rejects (as Inductor rejected torch's SDPA with a
+    mask and is_causal=True for T5's decoder) is compiled as it came, with a warning."""
+    real = compiler.inner_compile
+
+    def picky(gm, example_inputs, inner):
+        if "adaattn" in gm.code:
+            raise RuntimeError("injected inner compile failure")
+        return real(gm, example_inputs, inner)
+    monkeypatch.setattr(compiler, "inner_compile", picky)
+    torch.manual_seed(0)
+    model, idx = TinyGPT().eval(), torch.randint(0, 256, (2, 16))
+    with pytest.warns(RuntimeWarning, match="compiling the rewritten graph failed.*injected"):
+        report = adaattn_compile.explain(model, idx, options={"inner": "eager"})
+    assert report.sites == [] and len(report.failures) == 1
+    assert "adaattn.attention" not in report.graphs[0].code_after
+    compiled = torch.compile(model, backend=adaattn_compile.backend(inner="eager"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            assert rel_err(compiled(idx), model(idx)) < 1e-5
+
+
 def test_matcher_failure_is_contained(monkeypatch):
     def broken(gm):
         raise KeyError("injected matcher failure")

@@ -33,6 +33,14 @@ def biased(q, k, v, bias):
     return torch.softmax(q @ k.mT / 8 + bias, -1) @ v
 
 
+def causal_biased(q, k, v, bias):
+    """T5's decoder: a causal mask and a position bias; torch's SDPA takes no explicit mask
+    with is_causal=True, so the site keeps our op (this compile raised in the backend)."""
+    s = q @ k.mT / 8 + bias
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
 def sdpa_gqa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
@@ -42,7 +50,8 @@ def _inputs(fn):
     q = torch.randn(2, 4, L, 64, generator=g)
     kv_heads = 2 if fn is sdpa_gqa else 4
     k, v = (torch.randn(2, kv_heads, L, 64, generator=g) for _ in range(2))
-    extra = (torch.randn(2, 1, 1, L, generator=g),) if fn is biased else ()
+    extra = ((torch.randn(2, 1, 1, L, generator=g),) if fn is biased else
+             (torch.randn(1, 4, L, L, generator=g),) if fn is causal_biased else ())
     return (q, k, v, *extra)
 
 
@@ -55,6 +64,14 @@ def test_small_sites_become_torch_sdpa(fn, planned_for_gpu):
     code = records[0].code_after
     assert "scaled_dot_product_attention" in code and "adaattn.attention" not in code
     assert rel_err(out, fn(*args)) < 1e-5
+
+
+def test_small_causal_site_with_a_bias_keeps_our_op(planned_for_gpu):
+    args = _inputs(causal_biased)
+    out, sites, _, records = compile_and_run(causal_biased, *args)
+    assert sites[0].causal and sites[0].decision.kernel == "triton"   # (planned for sm90)
+    assert "adaattn.attention" in records[0].code_after
+    assert rel_err(out, causal_biased(*args)) < 1e-5
 
 
 def test_small_call_gflops_zero_keeps_every_site(planned_for_gpu):
