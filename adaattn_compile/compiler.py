@@ -244,8 +244,11 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
     try:
         compiled = inner_compile(gm, example_inputs, options.inner)
     except Exception as exc:
-        if not record.sites:
-            raise   # (the graph as it came: not ours to hide)
+        from torch._dynamo.exc import TorchDynamoException
+        if not record.sites or isinstance(exc, TorchDynamoException):
+            # the graph as it came: not ours to hide; Dynamo's own signals (restart the
+            # analysis, e.g. TensorifyScalarRestartAnalysis under dynamic=True) go to Dynamo
+            raise
         # never break a model: the graph as it came, compiled the same way
         record.error = f"compiling the rewritten graph failed: {type(exc).__name__}: {exc}"
         message = (f"adaattn: {name}: {record.error}; its attention runs as written")
