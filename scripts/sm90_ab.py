@@ -32,6 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from adaattn_compile.kernels import flash, flash_hopper  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sm90_tune import make_case  # noqa: E402  (the same inputs as the tuning runs)
+
 
 def _load_old(folder):
     """The flash_hopper module of another tree, as package ``adaattn_old_kernels`` (it imports
@@ -133,17 +136,8 @@ def main():
     for D in [int(x) for x in a.dims.split(",")]:
         for causal in {"both": [False, True], "yes": [True], "no": [False]}[a.causal]:
             for L in [int(x) for x in a.lengths.split(",")]:
-                B, H = max(1, 16384 // L), 2048 // D
-                Hkv = H // 4 if a.variant == "gqa" else H
-                g = torch.Generator(device="cuda").manual_seed(L + D)
-                q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                bias = None
-                if a.variant == "bias":
-                    bias = torch.randn(B, 1, 1, L, device="cuda", dtype=torch.bfloat16,
-                                       generator=g) * 0.5
-                    bias[1::2, ..., L - L // 8:] = float("-inf")
+                q, k, v, bias = make_case(D, L, a.variant)
+                B, H = q.shape[0], q.shape[1]
                 cands = {spec: _candidate(spec, old, q, k, v, bias, causal) for spec in specs}
                 ref = _call(*_candidate("cudnn", None, q, k, v, bias, causal)).clone()
                 row = dict(D=D, causal=causal, L=L, B=B, H=H, variant=a.variant)

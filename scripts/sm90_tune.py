@@ -29,6 +29,23 @@ DEFAULTS = {
 }
 
 
+def make_case(D, L, variant, device="cuda"):
+    """The benchmark's inputs (shared with sm90_ab.py): bf16, B*L = 16k tokens, H = 2048 / D,
+    GQA 4:1 for 'gqa', a (B, 1, 1, L) bias for 'bias' (odd batches' last eighth of keys -inf);
+    seeded by (L, D) -> (q, k, v, bias or None)."""
+    B, H = max(1, 16384 // L), 2048 // D
+    Hkv = H // 4 if variant == "gqa" else H
+    g = torch.Generator(device=device).manual_seed(L + D)
+    q = torch.randn(B, H, L, D, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, L, D, device=device, dtype=torch.bfloat16, generator=g)
+    bias = None
+    if variant == "bias":
+        bias = torch.randn(B, 1, 1, L, device=device, dtype=torch.bfloat16, generator=g) * 0.5
+        bias[1::2, ..., L - L // 8:] = float("-inf")
+    return q, k, v, bias
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -60,17 +77,8 @@ def main():
         configs = [c for c in (a.configs64 if D == 64 else a.configs128).split(";") if c]
         for causal in {"both": [False, True], "yes": [True], "no": [False]}[a.causal]:
             for L in [int(x) for x in a.lengths.split(",")]:
-                B, H = max(1, 16384 // L), 2048 // D
-                Hkv = H // 4 if a.variant == "gqa" else H
-                g = torch.Generator(device="cuda").manual_seed(L + D)
-                q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                v = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                bias = None
-                if a.variant == "bias":
-                    bias = torch.randn(B, 1, 1, L, device="cuda", dtype=torch.bfloat16,
-                                       generator=g) * 0.5
-                    bias[1::2, ..., L - L // 8:] = float("-inf")
+                q, k, v, bias = make_case(D, L, a.variant)
+                B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
                 flops = 4.0 * B * H * L * L * D / (2 if causal else 1)
                 row = dict(D=D, causal=causal, L=L, B=B, H=H, variant=a.variant)
                 kw = {"enable_gqa": True} if Hkv != H else {}
