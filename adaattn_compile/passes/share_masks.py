@@ -83,15 +83,16 @@ def _pure(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _PURE_METHODS
 
 
-def _key(value: Any, canon: Dict[fx.Node, fx.Node]) -> Any:
-    """A hashable stand-in for an argument (None where there is none)."""
+def _key(value: Any) -> Any:
+    """A hashable stand-in for an argument (None where there is none). A merged node's users
+    already point at the node kept, so nodes stand for themselves."""
     if isinstance(value, fx.Node):
-        return ("node", canon.get(value, value))
+        return ("node", value)
     if isinstance(value, (tuple, list, torch.Size)):
-        parts = tuple(_key(v, canon) for v in value)
+        parts = tuple(_key(v) for v in value)
         return None if None in parts else (type(value).__name__, parts)
     if isinstance(value, dict):
-        parts = tuple((k, _key(v, canon)) for k, v in sorted(value.items()))
+        parts = tuple((k, _key(v)) for k, v in sorted(value.items()))
         return None if any(p[1] is None for p in parts) else ("dict", parts)
     if isinstance(value, float) and value != value:
         return ("nan",)
@@ -145,13 +146,11 @@ def share_mask_computations(gm: fx.GraphModule) -> int:
     """Merge repeated pure computations in the cones of attention masks; -> nodes merged."""
     cone = _cone(_mask_inputs(gm))
     first: Dict[Any, fx.Node] = {}
-    canon: Dict[fx.Node, fx.Node] = {}
     merged = 0
     for node in list(gm.graph.nodes):
         if node not in cone or not _pure(node):
             continue
-        key: Optional[Any] = (node.op, node.target, _key(node.args, canon),
-                              _key(dict(node.kwargs), canon))
+        key: Optional[Any] = (node.op, node.target, _key(node.args), _key(dict(node.kwargs)))
         if key[2] is None or key[3] is None:
             continue
         if not _never_written(node):
@@ -161,7 +160,6 @@ def share_mask_computations(gm: fx.GraphModule) -> int:
             first[key] = node
             continue
         node.replace_all_uses_with(kept)
-        canon[node] = kept
         gm.graph.erase_node(node)
         merged += 1
     return merged
