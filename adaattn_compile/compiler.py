@@ -25,7 +25,7 @@ from .options import Options
 from .passes.graph_utils import hint, location, meta
 from .passes.match import AttentionMatch, find_attention
 from .passes.rewrite import erase_dead, new_site_id, rewrite_site
-from .passes.share_masks import share_mask_computations
+from .passes.share_masks import copy_shared_strided_masks, share_mask_computations
 from .report import Decision, GraphRecord, Site, SkippedSite
 
 log = logging.getLogger("adaattn")
@@ -82,6 +82,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
         erase_dead(gm, dead)
         if record.sites:
             share_mask_computations(gm)
+            copy_shared_strided_masks(gm)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # never break a model: compile the original graph

@@ -394,7 +394,13 @@ _previous_lib = globals().get("_lib")   # set when importlib.reload(op) runs thi
 if _previous_lib is not None and hasattr(_previous_lib, "_destroy"):
     _previous_lib._destroy()   # drop the first registrations before redefining the ops
 _lib = torch.library.Library("adaattn", "FRAGMENT")   # kept alive: it owns the registrations
-_lib.define(_ATTENTION_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+# flexible_layout: Inductor hands the forward its inputs as they are realised, in any strides
+# (the op reads every input through its strides and returns contiguous outputs, which the fake
+# implementation says). Under the default (needs_exact_strides) Inductor realised a computed
+# input again for every call that reads it, with the traced strides: T5's position bias, read
+# by all six encoder layers, became four 256 MiB copies alive at once at L = 4096 (H100).
+_lib.define(_ATTENTION_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,) + tuple(
+    getattr(torch.Tag, name) for name in ("flexible_layout",) if hasattr(torch.Tag, name)))
 _lib.define(_BACKWARD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
 _lib.impl("attention", _outside_dynamo(attention_impl), "CompositeExplicitAutograd")
 _lib.impl("attention_backward", _outside_dynamo(attention_backward_impl),

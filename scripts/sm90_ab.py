@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import time
 import types
 
 import torch
@@ -100,9 +101,11 @@ def _interleaved(cands, iters):
     """Median milliseconds a launch for each candidate, launches taking turns."""
     names = list(cands)
     for name in names:   # compile and warm up
+        t0 = time.perf_counter()
         for _ in range(3):
             _call(*cands[name])
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        print(f"  (warm: {name} {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     events = {name: [] for name in names}
     for i in range(iters):
         shift = i % len(names)

@@ -1,11 +1,14 @@
 """Masks that several attention sites each build from the same tensors (T5's per-layer
 ``torch.where(mask, position_bias, min).contiguous()``) become one, only where no result can
 change."""
+import re
+
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+import adaattn_compile
 from adaattn_compile.passes.share_masks import share_mask_computations
 from helpers import compile_and_run, rel_err
 
@@ -77,3 +80,51 @@ def test_only_mask_cones_and_pure_calls_are_merged():
     assert merged == 2   # the second `bias > 0` and the second where
     assert code.count("torch.where(") == 1 and code.count("torch.rand_like(") == 2
     assert code.count("x.contiguous()") == 2
+
+
+def test_a_strided_mask_of_several_sites_is_copied_once():
+    """T5's eager attention: every layer adds the same permuted position bias (keys H apart in
+    memory); the sites read one contiguous copy of it."""
+    x, table, _ = _inputs()
+
+    def f(x, table):
+        bias = table.permute(2, 0, 1).unsqueeze(0)
+        out = x
+        for _ in range(3):
+            out = torch.softmax(out @ out.mT / 4 + bias, -1) @ out
+        return out
+    ref = f(x, table)
+    out, sites, _, records = compile_and_run(f, x, table)
+    assert len(sites) == 3
+    code = records[0].code_after
+    assert code.count(".contiguous()") == 1
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_a_computed_mask_of_several_sites_is_realised_once_by_inductor(tmp_path, monkeypatch):
+    """Inductor's generated code holds one mask-sized buffer for three sites that read one
+    computed mask (T5's position bias, gathered then permuted): with the default layout
+    constraint for custom ops (exact strides), Inductor made a copy for every site."""
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x, table, _ = _inputs()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 7, (L, L), generator=g)
+    emb = torch.randn(7, H, generator=g)
+
+    def f(x, idx, emb):
+        bias = F.embedding(idx, emb).permute(2, 0, 1).unsqueeze(0)   # computed, key-strided
+        out = x
+        for _ in range(3):
+            out = torch.softmax(out @ out.mT / 4 + bias, -1) @ out
+        return out
+    ref = f(x, idx, emb)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=adaattn_compile.backend(policy="exact",
+                                                                inner="inductor"))
+    out, codes = run_and_get_code(compiled, x, idx, emb)
+    assert rel_err(out, ref) < 1e-5
+    code = "\n".join(codes)
+    mask_buffers = re.findall(rf"empty_strided_cpu\(\(1, {H}, {L}, {L}\)", code)
+    assert code.count("torch.ops.adaattn.attention.default(") == 3
+    assert len(mask_buffers) == 1, code

@@ -142,6 +142,44 @@ def _never_written(node: fx.Node) -> bool:
     return True
 
 
+def _key_strided(node: fx.Node) -> bool:
+    """Whether the tensor ``node`` makes is known not to have unit key (last) stride."""
+    example = node.meta.get("example_value")
+    if not isinstance(example, torch.Tensor) or example.dim() < 2:
+        return False
+    try:
+        return example.size(-1) > 1 and int(example.stride(-1)) != 1
+    except Exception:   # (a symbolic stride: leave it)
+        return False
+
+
+def copy_shared_strided_masks(gm: fx.GraphModule) -> int:
+    """One ``.contiguous()`` copy for a mask that several of our sites read and whose keys are
+    not adjacent in memory (T5's eager attention hands every layer its position bias as a
+    permuted view of an (L, L, H) gather): every site then reads its mask tiles with unit key
+    stride, and the copy is the only mask-sized buffer (the op's flexible layout lets Inductor
+    realise it once for all its readers; computed inline, the gather itself is never stored).
+    Without the copy the kernels would read keys H elements apart at every site. -> copies
+    made."""
+    attention = torch.ops.adaattn.attention.default
+    made = 0
+    for mask in list(_mask_inputs(gm)):
+        sites = [u for u in mask.users if u.op == "call_function" and u.target is attention
+                 and len(u.args) > _MASK_ARG and u.args[_MASK_ARG] is mask]
+        if len(sites) < 2 or not _key_strided(mask):
+            continue
+        with gm.graph.inserting_after(mask):
+            copy = gm.graph.call_method("contiguous", (mask,))
+        try:
+            copy.meta["example_value"] = mask.meta["example_value"].contiguous()
+        except Exception:
+            pass
+        for site in sites:
+            site.args = site.args[:_MASK_ARG] + (copy,) + site.args[_MASK_ARG + 1:]
+        made += 1
+    return made
+
+
 def share_mask_computations(gm: fx.GraphModule) -> int:
     """Merge repeated pure computations in the cones of attention masks; -> nodes merged."""
     cone = _cone(_mask_inputs(gm))
