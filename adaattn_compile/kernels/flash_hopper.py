@@ -285,14 +285,21 @@ if AVAILABLE:
         return gl.convert_layout(a.to(dtype), layout)
 
     @gluon.jit
-    def _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC: gl.constexpr):
-        """Issue S = Q K^T (+ bias / scale on the tensor cores: BIAS_TC), asynchronously."""
+    def _scores(q, k_bufs, kb_bufs, bias_a, k_full, turn, it, s_zero, WG: gl.constexpr,
+                STAGES: gl.constexpr, PINGPONG: gl.constexpr, BIAS_TC: gl.constexpr):
+        """Once it is this warpgroup's turn (PINGPONG) and K tile ``it`` has landed, issue
+        S = Q K^T (+ bias / scale on the tensor cores: BIAS_TC), asynchronously ->
+        (token, ring slot)."""
+        slot = it % STAGES
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), it & 1)
+        mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
         s_tok = _hopper.warpgroup_mma(q, k_bufs.index(slot).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
         if BIAS_TC:
             s_tok = _hopper.warpgroup_mma(bias_a, kb_bufs.index(slot).permute((1, 0)), s_tok,
                                           is_async=True)
-        return s_tok
+        return s_tok, slot
 
     @gluon.jit
     def _step(q, k_bufs, v_bufs, kb_bufs, bias_a, k_full, k_empty, v_full, v_empty, turn, s_zero,
@@ -308,11 +315,8 @@ if AVAILABLE:
         HOLD_P (the turnover loop): P_{j-1} goes through the final wait, so that its registers,
         which the product reads until it completes, are not reused for this tile's softmax
         before then."""
-        slot = it % STAGES
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), it & 1)
-        mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-        s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
+        s_tok, slot = _scores(q, k_bufs, kb_bufs, bias_a, k_full, turn, it, s_zero, WG, STAGES,
+                              PINGPONG, BIAS_TC)
         mbarrier.wait(v_full.index(prev), prev_phase)
         acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
         if PINGPONG:
@@ -426,12 +430,8 @@ if AVAILABLE:
                                                         CAUSAL, PAIRED)
         qs = done % QBUF
         mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
-        slot = it % STAGES
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), it & 1)
-        mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-        s_tok = _scores(q_smem.index(qs * NUM_WG + WG), k_bufs, kb_bufs, bias_a, slot, s_zero,
-                        BIAS_TC)
+        s_tok, slot = _scores(q_smem.index(qs * NUM_WG + WG), k_bufs, kb_bufs, bias_a, k_full,
+                              turn, it, s_zero, WG, STAGES, PINGPONG, BIAS_TC)
         if PINGPONG:
             mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
         s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
@@ -549,12 +549,9 @@ if AVAILABLE:
                         tile, n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL, PAIRED)
                     n_qs = done % QBUF
                     mbarrier.wait(q_full.index(n_qs), (done // QBUF) & 1)
-                    slot = it % STAGES
-                    if PINGPONG:
-                        mbarrier.wait(turn.index(WG), it & 1)
-                    mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-                    s_tok = _scores(q_smem.index(n_qs * NUM_WG + WG), k_bufs, kb_bufs, bias_a,
-                                    slot, s_zero, BIAS_TC)
+                    s_tok, slot = _scores(q_smem.index(n_qs * NUM_WG + WG), k_bufs, kb_bufs,
+                                          bias_a, k_full, turn, it, s_zero, WG, STAGES, PINGPONG,
+                                          BIAS_TC)
                     mbarrier.wait(v_full.index(prev), prev_phase)
                     acc = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
                     if PINGPONG:
@@ -599,11 +596,8 @@ if AVAILABLE:
                 mbarrier.wait(q_full.index(qs), (done // QBUF) & 1)
 
                 # K/V tile 0: S_0 only (its P.V is issued together with S_1)
-                slot = it % STAGES
-                if PINGPONG:
-                    mbarrier.wait(turn.index(WG), it & 1)
-                mbarrier.wait(k_full.index(slot), (it // STAGES) & 1)
-                s_tok = _scores(q, k_bufs, kb_bufs, bias_a, slot, s_zero, BIAS_TC)
+                s_tok, slot = _scores(q, k_bufs, kb_bufs, bias_a, k_full, turn, it, s_zero, WG,
+                                      STAGES, PINGPONG, BIAS_TC)
                 if PINGPONG:
                     mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
                 s = _hopper.warpgroup_mma_wait(0, deps=[s_tok])
