@@ -26,14 +26,21 @@ from adaattn_compile.kernels import flash_hopper as fh  # noqa: E402
 
 def compile_sm90(fn, args, num_warps=4):
     from triton.experimental.gluon._runtime import GluonASTSource
-    sig, consts = {}, {}
-    for name in fn.arg_names:
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
         value = args[name]
-        if fn.params[fn.arg_names.index(name)].is_constexpr:
+        if fn.params[i].is_constexpr:
             sig[name], consts[name] = "constexpr", value
-        else:
-            sig[name] = mangle_type(value)
-    src = GluonASTSource(fn, sig, consts)
+            continue
+        sig[name] = mangle_type(value)
+        # the launch's specialisation: 16-divisible ints and 16-byte aligned pointers are
+        # marked, so that loads and stores vectorise here as they do there
+        aligned = (value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else
+                   isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+                   and not fn.params[i].do_not_specialize)
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
@@ -82,14 +89,20 @@ def main():
                 torch.empty(B, H, L, L, dtype=torch.uint8) if variant == "mask" else
                 torch.empty(1, dtype=torch.float32))
             has_mask = kind != "none"
+            mask_strides = ((L, 0, 0, 1) if kind == "row" else
+                            (H * L * L, L * L, L, 1) if variant == "mask" else (0, 0, 0, 0))
             args = dict(desc_q=fh._descriptor(q, 64, D), desc_k=fh._descriptor(q, block_n, D),
                         desc_v=fh._descriptor(q, block_n, D),
                         desc_kb=fh._descriptor(torch.empty(B, 1, L, 16, dtype=dt), block_n, 16)
                         if bias_tc else None,
                         desc_o=fh._descriptor(q, 64, D) if o_tma else None,
                         Out=q, LSE=torch.empty(B, H, L),
-                        Mask=mask, Sched=torch.empty(8, dtype=torch.int32), stride_ob=1, stride_oh=1, stride_om=1, stride_lb=1, stride_lh=1,
-                        stride_mb=1, stride_mh=1, stride_mm=1, stride_mn=1, n_m=8,
+                        Mask=mask, Sched=torch.empty(8, dtype=torch.int32),
+                        # the strides a launch passes (their specialisation: == 1, % 16), so
+                        # that O's and the mask's loads / stores vectorise as they will there
+                        stride_ob=H * L * D, stride_oh=L * D, stride_om=D, stride_lb=H * L,
+                        stride_lh=L, **dict(zip(("stride_mb", "stride_mh", "stride_mm",
+                                                 "stride_mn"), mask_strides)), n_m=8,
                         n_units=B * H * 8, Hq=H, GROUP=1, kb_nb=B, kb_nh=1, sched_w=8, bias_hi=8.0,
                         bias_lo=0.0,
                         Lq=L, Lk=L, qk_scale=0.1, HEAD_D=D, BLOCK_N=block_n, NUM_WG=num_wg,
