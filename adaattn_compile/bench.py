@@ -726,6 +726,8 @@ def _cache_context(kind: str):
     if kind != "fresh":
         yield
         return
+    from .kernels import clear_compiled
+    clear_compiled()   # our kernels, compiled for an earlier model, are held in memory
     try:
         from torch._inductor.utils import fresh_inductor_cache
     except ImportError:   # pragma: no cover - very old torch

@@ -344,3 +344,15 @@ def test_interleaved_timing_alternates_the_compilers_without_recompiling(monkeyp
     monkeypatch.setattr(bench, "_time_chunk", recompiling)
     rows = bench.run_config(bench.Config("gpt", 16, 1, "infer"), settings)
     assert all("a recompile happened during them" in r.note for r in rows)
+
+
+@pytest.mark.parametrize("cache, clears", [("fresh", 1), ("shared", 0)])
+def test_cold_compiles_forget_our_compiled_kernels(cache, clears, monkeypatch):
+    """A cold compile starts without the kernels an earlier model compiled: triton keeps them
+    on the JIT functions, where a fresh cache folder does not reach."""
+    from adaattn_compile import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "clear_compiled", lambda: calls.append(1))
+    with bench._cache_context(cache):
+        pass
+    assert len(calls) == clears

@@ -109,3 +109,28 @@ def test_a_failing_direct_launch_turns_itself_off(fake, monkeypatch):
     with pytest.warns(UserWarning, match="direct kernel launch failed"):
         launch.launch(fake, lambda m: (1,), (x, 32, 64), {}, dev)
     assert len(fake.compiled) == 2 and launch._ENABLED is False
+
+
+def test_clear_compiled_forgets_kernels_tunings_and_bound_launches(monkeypatch):
+    """kernels.clear_compiled leaves this process as a new one would find it: no compiled
+    kernel on any of our JIT functions, no tuned config, no direct or bound launch."""
+    from adaattn_compile import kernels
+    from adaattn_compile.kernels import flash, flash_hopper
+
+    class Jit:   # triton 3.x keeps a JIT function's kernels in device_caches, older in cache
+        def __init__(self):
+            self.device_caches = {0: ("kernels",)}
+            self.cache = {0: {"key": "kernel"}}
+    jits = {name: Jit() for name in flash._KERNELS}
+    monkeypatch.setattr(flash, "_KERNELS", jits)
+    monkeypatch.setitem(flash._TUNED, ("fwd", "bucket"), object())
+    monkeypatch.setitem(flash._FAST_FWD, ("signature",), object())
+    monkeypatch.setitem(flash._TMA_FAILED, ("cap",), "error")
+    monkeypatch.setitem(flash._SM90_FAILED, ("cap",), "error")
+    monkeypatch.setitem(flash_hopper._LAUNCHERS, ("key",), object())
+    monkeypatch.setitem(launch._PLANS, ("plan",), object())
+    kernels.clear_compiled()
+    assert all(not j.device_caches and not j.cache for j in jits.values())
+    assert not flash._TUNED and not flash._FAST_FWD
+    assert not flash._TMA_FAILED and not flash._SM90_FAILED
+    assert not flash_hopper._LAUNCHERS and not launch._PLANS

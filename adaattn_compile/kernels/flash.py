@@ -781,6 +781,17 @@ _KERNELS = {"fwd": _attn_fwd, "fwd_tma": _attn_fwd_tma, "dkdv": _attn_bwd_dkdv,
 _TUNED: dict = {}
 
 
+def clear_compiled() -> None:
+    """Forget every kernel compiled, config tuned and launch bound in this process, as a new
+    process starts (``adaattn_compile.kernels.clear_compiled``)."""
+    for jit_fn in _KERNELS.values():
+        launch.drop_compiled(jit_fn)
+    _TUNED.clear()
+    _FAST_FWD.clear()
+    _TMA_FAILED.clear()   # (a build that failed is tried again, as a new process would)
+    _SM90_FAILED.clear()
+
+
 def _capability(device):
     if device.type == "cuda":
         return _cuda_capability(device.index if device.index is not None

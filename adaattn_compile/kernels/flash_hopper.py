@@ -917,6 +917,13 @@ class _HostDescriptor:
 # cost tens of microseconds a call, which small attention calls pay in full (an SDPA call costs
 # ~22 us of host time in all).
 _LAUNCHERS: dict = {}
+
+
+def clear_compiled() -> None:
+    """Forget the compiled forwards and their direct launchers (see kernels.clear_compiled)."""
+    if AVAILABLE:
+        launch.drop_compiled(_attn_fwd_sm90)
+    _LAUNCHERS.clear()
 _FAST_LAUNCH = True
 
 

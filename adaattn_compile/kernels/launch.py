@@ -236,3 +236,13 @@ def clear() -> None:
     """Forget every plan (tests; a changed autotune setting)."""
     _PLANS.clear()
     _SIGNATURES.clear()
+
+
+def drop_compiled(jit_fn) -> None:
+    """Forget what triton compiled for ``jit_fn`` in this process (its per-device kernel caches:
+    ``device_caches`` in triton 3.x, ``cache`` before), so that the next launch compiles again
+    (or loads triton's disk cache). No-op for objects without them (the interpreter's)."""
+    for name in ("device_caches", "cache"):
+        caches = getattr(jit_fn, name, None)
+        if isinstance(caches, dict):
+            caches.clear()
