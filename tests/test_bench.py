@@ -346,13 +346,38 @@ def test_interleaved_timing_alternates_the_compilers_without_recompiling(monkeyp
     assert all("a recompile happened during them" in r.note for r in rows)
 
 
-@pytest.mark.parametrize("cache, clears", [("fresh", 1), ("shared", 0)])
-def test_cold_compiles_forget_our_compiled_kernels(cache, clears, monkeypatch):
-    """A cold compile starts without the kernels an earlier model compiled: triton keeps them
-    on the JIT functions, where a fresh cache folder does not reach."""
+@pytest.mark.parametrize("cache, ours, clears", [("fresh", True, 1), ("fresh", False, 0),
+                                                 ("shared", True, 0)])
+def test_cold_compiles_forget_our_compiled_kernels(cache, ours, clears, monkeypatch):
+    """A cold adaattn compile starts without the kernels an earlier model compiled: triton
+    keeps them on the JIT functions, where a fresh cache folder does not reach. (Stock's
+    compile leaves them: an adaattn step compiled before it may still be timed.)"""
     from adaattn_compile import kernels
     calls = []
     monkeypatch.setattr(kernels, "clear_compiled", lambda: calls.append(1))
-    with bench._cache_context(cache):
+    with bench._cache_context(cache, ours):
         pass
     assert len(calls) == clears
+
+
+def test_interleaved_timing_calls_every_step_once_untimed_first():
+    """Before the timed rounds every step runs once untimed (a later adaattn compile may have
+    dropped the kernels an earlier step compiled: the rebuild must not land in a timed
+    round); a step that fails there is recorded and left out of the rounds."""
+    settings = bench.Settings(device="cpu", dtype="fp32", compilers=bench.COMPILERS,
+                              repeat=4, warmup=1, interleave=2, scale="tiny", inner="eager",
+                              stock_backend="aot_eager", cache="shared", progress=False)
+    calls = {"ok": 0, "bad": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def bad():
+        calls["bad"] += 1
+        raise RuntimeError("kernel build failed")
+    rows = [bench.Row(model="m", mode="infer", seq=8, batch=1, compiler=c, policy=None)
+            for c in ("stock", "adaattn")]
+    bench._time_interleaved([(rows[0], ok), (rows[1], bad)], settings)
+    assert calls == {"ok": 1 + 4, "bad": 1}
+    assert rows[0].n_timed == 4 and rows[0].status != "error"
+    assert rows[1].status == "error" and "kernel build failed" in rows[1].error
