@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adaattn_compile.kernels import flash, flash_hopper  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sm90_tune import make_case  # noqa: E402  (the same inputs as the tuning runs)
+from sm90_tune import _rel, add_case_args, make_case  # noqa: E402  (the tuning runs' inputs)
 
 
 def _load_old(folder):
@@ -50,10 +50,6 @@ def _load_old(folder):
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
     return sys.modules["adaattn_old_kernels.flash_hopper"]
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _candidate(spec, old, q, k, v, bias, causal):
@@ -122,10 +118,7 @@ def _interleaved(cands, iters):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--lengths", default="2048,4096,8192,16384")
-    ap.add_argument("--causal", default="both", choices=["both", "yes", "no"])
-    ap.add_argument("--variant", default="plain", choices=["plain", "bias", "gqa"])
+    add_case_args(ap)
     ap.add_argument("--candidates", default="new;cudnn")
     ap.add_argument("--old", default=None)
     ap.add_argument("--iters", type=int, default=40)

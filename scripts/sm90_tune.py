@@ -46,6 +46,14 @@ def make_case(D, L, variant, device="cuda"):
     return q, k, v, bias
 
 
+def add_case_args(ap):
+    """The case selection both sm90 timing scripts take (see make_case)."""
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--lengths", default="2048,4096,8192,16384")
+    ap.add_argument("--causal", default="both", choices=["both", "yes", "no"])
+    ap.add_argument("--variant", default="plain", choices=["plain", "bias", "gqa"])
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -56,10 +64,7 @@ def _bench(fn, rep):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--lengths", default="2048,4096,8192,16384")
-    ap.add_argument("--causal", default="both", choices=["both", "yes", "no"])
-    ap.add_argument("--variant", default="plain", choices=["plain", "bias", "gqa"])
+    add_case_args(ap)
     ap.add_argument("--configs64", default=DEFAULTS[64])
     ap.add_argument("--configs128", default=DEFAULTS[128])
     ap.add_argument("--no-triton", action="store_true", help="skip our Triton-language kernel")
