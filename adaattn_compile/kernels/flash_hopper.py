@@ -416,6 +416,17 @@ if AVAILABLE:
         return acc
 
     @gluon.jit
+    def _tile_rows(tile, n_m, Hq, Lk, Mask, stride_mb, stride_mh, WG: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   PAIRED: gl.constexpr, mma: gl.constexpr):
+        """_tile, and this warpgroup's 64 query rows and its (batch, head)'s mask base."""
+        off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M, BLOCK_N,
+                                                        CAUSAL, PAIRED)
+        offs_m = start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
+        mask_base = Mask + off_b.to(gl.int64) * stride_mb + off_h.to(gl.int64) * stride_mh
+        return off_b, off_h, start_m, n_blocks, n_full, offs_m, mask_base
+
+    @gluon.jit
     def _tile_start(q_smem, k_bufs, kb_bufs, bias_a, q_full, k_full, k_empty, turn, s_zero, tile,
                     it, done, n_m, Hq, qk_scale, Mask, stride_mb, stride_mh, stride_mm,
                     stride_mn, Lq, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
@@ -504,11 +515,9 @@ if AVAILABLE:
             # the rest is recomputed from them: loop-carried values cost registers the loop has
             # not got)
             while _has_tile(tile, n_units, PAIRED):
-                off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
-                                                                BLOCK_N, CAUSAL, PAIRED)
-                offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
-                mask_base = (Mask + off_b.to(gl.int64) * stride_mb
-                             + off_h.to(gl.int64) * stride_mh)
+                off_b, off_h, start_m, n_blocks, n_full, offs_m, mask_base = _tile_rows(
+                    tile, n_m, Hq, Lk, Mask, stride_mb, stride_mh, WG, BLOCK_M, BLOCK_N, CAUSAL,
+                    PAIRED, mma)
                 qs = done % QBUF
                 q = q_smem.index(qs * NUM_WG + WG)
                 if TURNOVER == 2:
@@ -585,11 +594,9 @@ if AVAILABLE:
             done = 0   # work tiles finished (Q phase)
             tile, nxt, pos = _first_tile(Sched, sched_w, PAIRED)
             while _has_tile(tile, n_units, PAIRED):
-                off_b, off_h, start_m, n_blocks, n_full = _tile(tile, n_m, Hq, Lk, BLOCK_M,
-                                                                BLOCK_N, CAUSAL, PAIRED)
-                offs_m = start_m + WG * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, mma))
-                mask_base = (Mask + off_b.to(gl.int64) * stride_mb
-                             + off_h.to(gl.int64) * stride_mh)
+                off_b, off_h, start_m, n_blocks, n_full, offs_m, mask_base = _tile_rows(
+                    tile, n_m, Hq, Lk, Mask, stride_mb, stride_mh, WG, BLOCK_M, BLOCK_N, CAUSAL,
+                    PAIRED, mma)
                 acc = gl.zeros([ROWS, HEAD_D], gl.float32, mma_o)
                 qs = done % QBUF
                 q = q_smem.index(qs * NUM_WG + WG)
