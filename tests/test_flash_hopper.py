@@ -357,6 +357,24 @@ def test_causal_schedule(bh, n_m, programs, block_m, L):
             (p // n_pairs) * n_m + n_m - 1 - p % n_pairs for p in range(programs)]
 
 
+@pytest.mark.parametrize("b, hq, n_m", [(8, 32, 16), (1, 1, 1), (3, 5, 11), (2048, 16, 32)])
+def test_packed_schedule_decodes_as_the_kernel_does(b, hq, n_m):
+    """Packed entries, decoded with the kernel's shifts (_tile), give back each tile's
+    (batch, head, query block); -1s stay."""
+    table = flash_hopper._causal_schedule(b * hq, n_m, 7, 128, 128, 128 * n_m, 128 * n_m)
+    packed = flash_hopper._pack_schedule(table, n_m, hq)
+    assert flash_hopper._packs(b, hq, n_m) and packed.dtype == torch.int32
+    mb, hb = flash_hopper._pack_bits(n_m, hq)
+    for t, p in zip(table.flatten().tolist(), packed.flatten().tolist()):
+        if t < 0:
+            assert p == -1
+            continue
+        assert p >= 0
+        assert (p >> (mb + hb), (p >> mb) & ((1 << hb) - 1), p & ((1 << mb) - 1)) == \
+            ((t // n_m) // hq, (t // n_m) % hq, t % n_m)
+    assert not flash_hopper._packs(1 << 20, 1 << 6, 1 << 6)
+
+
 def test_launch_plan_schedule(monkeypatch):
     """Persistent causal launches carry a schedule (its width as an int argument), others
     none; the table is built once per shape."""
@@ -367,8 +385,10 @@ def test_launch_plan_schedule(monkeypatch):
                                      (False, False, False, False), True, 0.125, q,
                                      torch.empty(8, 32, 2048))
     schedule, ints = plan[7], plan[2]
-    assert schedule == (256, 16, 132, 128, 128, 2048, 2048, True)
-    assert ints[-1] == flash_hopper._causal_schedule(*schedule).shape[1] == 34
+    assert schedule == ((256, 16, 132, 128, 128, 2048, 2048, True), 32)
+    assert ints[-1] == flash_hopper._causal_schedule(*schedule[0]).shape[1] == 34
+    # the tile arguments carry the packed entries' field widths: 16 blocks, 32 heads
+    assert (ints[9], ints[11]) == (4, 5)
     plan = flash_hopper._launch_plan(q, q, torch.empty(1), (0, 0, 0, 0),
                                      (False, False, False, False), False, 0.125, q,
                                      torch.empty(8, 32, 2048))

@@ -111,10 +111,19 @@ if AVAILABLE:
         every program then streams its own K / V from memory). Causal launches of one
         program per tile take the heavier blocks first; persistent ones follow the schedule
         table."""
-        bh = tile // n_m
-        pid_m = tile % n_m
-        if CAUSAL and not PAIRED:
-            pid_m = n_m - 1 - pid_m
+        if PAIRED:
+            # a packed schedule entry (b, h, query block); n_m and Hq carry its field widths
+            # in bits (_pack_schedule): shifts instead of two integer divisions a call
+            pid_m = tile & ((1 << n_m) - 1)
+            off_h = (tile >> n_m) & ((1 << Hq) - 1)
+            off_b = tile >> (n_m + Hq)
+        else:
+            bh = tile // n_m
+            pid_m = tile % n_m
+            if CAUSAL:
+                pid_m = n_m - 1 - pid_m
+            off_b = bh // Hq
+            off_h = bh % Hq
         start_m = pid_m * BLOCK_M
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, Lk)
@@ -122,7 +131,7 @@ if AVAILABLE:
         else:
             hi = Lk
             n_full = Lk // BLOCK_N
-        return bh // Hq, bh % Hq, start_m, gl.cdiv(hi, BLOCK_N), n_full
+        return off_b, off_h, start_m, gl.cdiv(hi, BLOCK_N), n_full
 
     @gluon.jit
     def _load_q(desc_q, q_smem, q_full, q_empty, done, off_b, off_h, start_m,
@@ -1096,10 +1105,32 @@ def _causal_schedule(bh, n_m, programs, block_m, block_n, lq, lk, balance=True):
 _SCHEDULES: dict = {}
 
 
+def _pack_bits(n_m, hq):
+    """Field widths (query block, head) of a packed schedule entry."""
+    return (n_m - 1).bit_length(), (hq - 1).bit_length()
+
+
+def _packs(b, hq, n_m):
+    """Whether (b, h, query block) packs into a non-negative int32."""
+    return (b - 1).bit_length() + sum(_pack_bits(n_m, hq)) <= 31
+
+
+def _pack_schedule(table, n_m, hq):
+    """A schedule table's work tiles (b_h * n_m + query block) as (b << (hb + mb)) |
+    (h << mb) | block, -1s kept: the kernel decodes them with shifts (see _tile)."""
+    mb, hb = _pack_bits(n_m, hq)
+    t = table.to(torch.int64)
+    bh, m = t.clamp(min=0) // n_m, t.clamp(min=0) % n_m
+    packed = ((bh // hq) << (mb + hb)) | ((bh % hq) << mb) | m
+    return torch.where(t >= 0, packed, -1).to(torch.int32)
+
+
 def _schedule_on(device, key):
+    """``key``: (_causal_schedule's arguments, Hq), or () for launches without a table."""
     tables = _SCHEDULES.get((device, key))
     if tables is None:
-        host = _causal_schedule(*key) if key else torch.full((1,), -1, dtype=torch.int32)
+        host = (_pack_schedule(_causal_schedule(*key[0]), key[0][1], key[1]) if key
+                else torch.full((1,), -1, dtype=torch.int32))
         # (from pinned memory, kept alive with the copy: a copy made while a CUDA graph is
         # being captured is replayed from that buffer)
         pinned = host.pin_memory()
@@ -1121,21 +1152,23 @@ def _launch_plan(q, k, mask, mask_strides, mask_flags, is_causal, sm_scale, out,
     if turnover == 1 and Lk < 2 * block_n:
         turnover = 2
     n_m = -(-Lq // (64 * num_wg))
-    paired = bool(is_causal) and persistent
+    paired = bool(is_causal) and persistent and _packs(B, Hq, n_m)
     units = B * Hq * n_m   # work tiles
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     programs = min(units, _sm_count(device)) if persistent else units
-    schedule = ((B * Hq, n_m, programs, 64 * num_wg, block_n, Lq, Lk,
-                 os.environ.get("ADAATTN_SM90_BALANCE", "1") not in ("0", "false", "False", "no"))
-                if paired else ())
+    schedule = (((B * Hq, n_m, programs, 64 * num_wg, block_n, Lq, Lk,
+                  os.environ.get("ADAATTN_SM90_BALANCE", "1") not in ("0", "false", "False", "no")),
+                 Hq) if paired else ())
     bias_tc = _bias_tc(q, mask, mask_flags, sm_scale)
     hi, lo, _ = inv_scale_split(sm_scale, q.dtype) if bias_tc else (0.0, 0.0, 0)
     kb_nb = B if mask_strides[0] else 1
     kb_nh = Hq if mask_strides[1] else 1
     o_tma = _o_tma(D, block_n, num_wg, stages, qbuf, bias_tc)
-    sched_w = _causal_schedule(*schedule).shape[1] if paired else 0
+    sched_w = _causal_schedule(*schedule[0]).shape[1] if paired else 0
+    # (paired: the n_m and Hq arguments carry the packed entries' field widths, see _tile)
+    tile_m, tile_h = _pack_bits(n_m, Hq) if paired else (n_m, Hq)
     ints = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            *mask_strides, n_m, units, Hq, Hq // Hkv, kb_nb, kb_nh, sched_w)
+            *mask_strides, tile_m, units, tile_h, Hq // Hkv, kb_nb, kb_nh, sched_w)
     consts = (D, block_n, num_wg, stages, bool(is_causal), has_mask, is_bool, rb, cb, pingpong,
               pregs, cregs, qbuf, paired, bias_tc, turnover, o_tma)
     key = (q.dtype, device, consts, mask.dtype, mask.data_ptr() % 16 == 0,
