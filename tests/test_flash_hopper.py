@@ -298,12 +298,15 @@ def test_launch_plan_constexprs_follow_the_kernel_signature(monkeypatch):
     monkeypatch.setattr(flash_hopper, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     B, H, L = 4, 16, 2048
-    # O_TMA: 1 a slab of its own, 2 staged in the Q slot (a bias: no room for the slab)
+    # O_TMA: 1 a slab of its own, 2 staged in the Q slot (a bias: no room for the slab); at
+    # D = 64 only on two warpgroups (causal below 5k; three would spill)
     for D, causal, bias, o_tma, programs in [(128, False, False, 1, 132),
                                              (128, True, False, 1, 132),
                                              (128, False, True, 2, 132),
                                              (128, True, True, 2, 132),
-                                             (64, False, True, 0, 132)]:
+                                             (64, False, True, 0, 132),
+                                             (64, True, False, 1, 132),
+                                             (64, True, True, 1, 132)]:
         q = torch.empty(B, H, L, D, dtype=torch.bfloat16)
         mask = torch.zeros(B, 1, 1, L, dtype=torch.bfloat16) if bias else torch.empty(1)
         flags = (True, False, True, False) if bias else (False, False, False, False)

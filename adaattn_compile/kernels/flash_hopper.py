@@ -24,9 +24,9 @@ schedule FlashAttention-3 uses (Shah et al., 2024) explicitly:
   the last one.
 * **Turnover** (``TURNOVER``): a tile's last P·V is issued with the next tile's S_0, so that
   tiles follow one another on the tensor cores without a gap.
-* **O through a bulk copy** (``O_TMA``, D = 128): the epilogue stages O in shared memory (a
-  slab of its own, or with a bias tile in the ring, the tile's finished Q slot) and leaves the
-  store to the copy engine.
+* **O through a bulk copy** (``O_TMA``; D = 128, and D = 64 on two warpgroups): the epilogue
+  stages O in shared memory (a slab of its own, or with a bias tile in the ring, the tile's
+  finished Q slot) and leaves the store to the copy engine.
 
 Scope (everything else stays on :mod:`.flash`): CUDA sm90, fp16 / bf16, ``D == Dv`` in
 {64, 128}, q / k / v with 16-byte aligned strides and unit last stride (read in place through
@@ -998,19 +998,23 @@ _SMEM_BYTES = 227 * 1024 - 1024
 
 def _o_tma(head_d, block_n, num_wg, stages, qbuf, bias_tc):
     """How O leaves (see _epilogue): 1 through a shared-memory slab of its own and a bulk
-    copy, at D = 128 where its (NUM_WG x 64 x D) slabs fit next to the Q slots, the K/V ring
+    copy, where its (NUM_WG x 64 x D) slabs fit next to the Q slots, the K/V ring
     and the bias tiles (2-byte elements); 2 staged in the tile's finished Q slot where they do
     not (a bias on the tensor cores: 8 KB over), with two Q slots (with one, the next tile's
     Q would wait for this tile's O); 0 from registers. Staged in the Q slot, the warpgroup
     waits for the copy engine to read O (the slot goes back to the producer): with a bias at
     causal 2k / 4k / 8k / 16k 497 / 548 / 578 / 609 TFLOP/s against 463 / 512 / 555 / 587 from
-    registers, unmasked 2-6 % slower than a slab of its own (H100, bf16). Not at D = 64: its epilogue is half the
-    size, and the staging made the three 160-register consumer warpgroups spill (88 bytes of
-    stack): unmasked it measured even, with a padding bias 13 % slower (H100, 2k / 8k: 396 /
-    445 TFLOP/s against 457 / 505). ``ADAATTN_SM90_O_TMA=0`` turns it off, ``=q`` stages O
-    in the Q slot wherever it may (A/B runs)."""
+    registers, unmasked 2-6 % slower than a slab of its own (H100, bf16). At D = 64 only on
+    two warpgroups (causal below 5k), where the 240-register consumers do not spill: causal
+    2k / 3k / 4k 406.9 / 430.6 / 448.7 TFLOP/s against 394.0 / 422.5 / 451.0 from registers
+    (H100, bf16). On three 160-register warpgroups it spilled (88 bytes of stack) and measured
+    even unmasked, with a padding bias 13 % slower (H100, 2k / 8k: 396 / 445 TFLOP/s against
+    457 / 505). ``ADAATTN_SM90_O_TMA=0`` turns it off, ``=q`` stages O in the Q slot wherever
+    it may, ``=force`` takes it on three warpgroups too (A/B runs)."""
     choice = os.environ.get("ADAATTN_SM90_O_TMA", "1").strip()
-    if head_d < 128 or choice in ("0", "false", "False", "no"):
+    if choice in ("0", "false", "False", "no"):
+        return 0
+    if head_d < 128 and num_wg > 2 and choice != "force":
         return 0
     q = qbuf * num_wg * 64 * head_d
     ring = stages * (2 * block_n * head_d + (block_n * 16 if bias_tc else 0))
