@@ -11,7 +11,12 @@ moved two identical kernels apart by up to 7 % on the H100, the first of a round
 
 ``new``: this tree's ``flash_hopper.forward``, called directly (no bound-launch cache, so every
 call reads the environment switches); ``+NAME=VALUE`` suffixes set switches for that candidate
-only. ``old``: the ``flash_hopper`` module in ``DIR``, a copy of ``adaattn_compile/kernels``
+only. ``bwd``: this tree's ``flash.flash_backward`` of the case (the Triton backward kernels;
+TFLOP/s counted as 2.5x the forward's), ``bwd@plain`` the same without the case's mask (the
+masked / unmasked ratio in one interleaved run); their errors are against the first ``bwd``
+candidate's gradients. ``flashbwd``: SDPA flash's backward kernel alone
+(``aten._scaled_dot_product_flash_attention_backward``, unmasked: it takes no mask).
+``old``: the ``flash_hopper`` module in ``DIR``, a copy of ``adaattn_compile/kernels``
 from another commit (``git archive REV adaattn_compile/kernels | tar -x -C tmp`` then
 ``--old tmp/adaattn_compile/kernels``). ``cudnn``: SDPA's cuDNN backend. bf16, B*L = 16k
 tokens, H = 2048 / D, as in benchmarks/kernels.py. Every candidate's output is checked against
@@ -63,6 +68,28 @@ def _candidate(spec, old, q, k, v, bias, causal):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
                                                       enable_gqa=k.shape[1] != q.shape[1])
+        return run, env
+    if base == "flashbwd":
+        fwd = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+        out, lse, cq, ck, mq, mk, seed, offset = fwd[:8]
+        do = torch.randn(out.shape, device=out.device, dtype=out.dtype,
+                         generator=torch.Generator(device=out.device).manual_seed(0))
+
+        def run():
+            return torch.cat([g.flatten() for g in
+                              torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                                  do, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed,
+                                  offset)])
+        return run, env
+    if base in ("bwd", "bwd@plain"):
+        mask = bias if base == "bwd" else None
+        out, lse = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
+        do = torch.randn(out.shape, device=out.device, dtype=out.dtype,   # (the same dO for all)
+                         generator=torch.Generator(device=out.device).manual_seed(0))
+
+        def run():
+            return torch.cat([g.flatten() for g in flash.flash_backward(
+                do, q, k, v, out, lse, attn_mask=mask, is_causal=causal)[:3]])
         return run, env
     module = {"new": flash_hopper, "old": old}[base]
     if module is None:
@@ -136,12 +163,18 @@ def main():
                 B, H = q.shape[0], q.shape[1]
                 cands = {spec: _candidate(spec, old, q, k, v, bias, causal) for spec in specs}
                 ref = _call(*_candidate("cudnn", None, q, k, v, bias, causal)).clone()
+                grads = [s for s in specs if s.split("+")[0] == "bwd"]
+                ref_bwd = _call(*cands[grads[0]]).clone() if grads else None
                 row = dict(D=D, causal=causal, L=L, B=B, H=H, variant=a.variant)
                 for spec, cand in cands.items():
-                    row[spec + "_err"] = _rel(_call(*cand), ref)
+                    bwd = spec.startswith("bwd")
+                    row[spec + "_err"] = (float("nan") if spec.startswith(("bwd@plain",
+                                                                           "flashbwd")) else
+                                          _rel(_call(*cand), ref_bwd if bwd else ref))
                 ms = _interleaved(cands, a.iters)
                 flops = 4.0 * B * H * L * L * D / (2 if causal else 1)
-                row.update({spec: flops / t * 1e-9 for spec, t in ms.items()})
+                row.update({spec: flops * (2.5 if spec.startswith(("bwd", "flashbwd")) else 1)
+                            / t * 1e-9 for spec, t in ms.items()})
                 rows.append(row)
                 base = row.get("cudnn")
                 print(f"D={D} causal={int(causal)} L={L:5d} | " + "  ".join(
