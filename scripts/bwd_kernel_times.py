@@ -17,14 +17,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adaattn_compile.kernels import flash  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sm90_tune import add_case_args, make_case  # noqa: E402
+from sm90_tune import add_case_args, grad_out_like, make_case  # noqa: E402
 
 
 def kernel_times(q, k, v, mask, causal, iters):
     """{kernel name: mean us a backward call} over ``iters`` calls."""
     out, lse = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
-    do = torch.randn(out.shape, device=out.device, dtype=out.dtype,
-                     generator=torch.Generator(device=out.device).manual_seed(0))
+    do = grad_out_like(out)
     for _ in range(3):   # compile, tune, warm up
         flash.flash_backward(do, q, k, v, out, lse, attn_mask=mask, is_causal=causal)
     torch.cuda.synchronize()
@@ -50,7 +49,7 @@ def plans():
         if "bwd_dkdv" not in name and "bwd_dq" not in name:
             continue
         meta = {n: plan.meta[n] for n in ("BLOCK_M", "BLOCK_N", "HAS_MASK", "KEY_SCALE",
-                                          "BIAS_ROWS", "CAUSAL") if n in plan.meta}
+                                          "CAUSAL") if n in plan.meta}
         md = plan.kernel.metadata
         rows.append((name, meta, getattr(md, "num_warps", None), getattr(md, "num_stages", None),
                      getattr(plan.kernel, "n_regs", None), getattr(plan.kernel, "n_spills", None)))

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adaattn_compile.kernels import flash, flash_hopper  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sm90_tune import _rel, add_case_args, make_case  # noqa: E402  (the tuning runs' inputs)
+from sm90_tune import _rel, add_case_args, grad_out_like, make_case  # noqa: E402  (the tuning runs' inputs)
 
 
 def _load_old(folder):
@@ -72,8 +72,7 @@ def _candidate(spec, old, q, k, v, bias, causal):
     if base == "flashbwd":
         fwd = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
         out, lse, cq, ck, mq, mk, seed, offset = fwd[:8]
-        do = torch.randn(out.shape, device=out.device, dtype=out.dtype,
-                         generator=torch.Generator(device=out.device).manual_seed(0))
+        do = grad_out_like(out)
 
         def run():
             return torch.cat([g.flatten() for g in
@@ -84,8 +83,7 @@ def _candidate(spec, old, q, k, v, bias, causal):
     if base in ("bwd", "bwd@plain"):
         mask = bias if base == "bwd" else None
         out, lse = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
-        do = torch.randn(out.shape, device=out.device, dtype=out.dtype,   # (the same dO for all)
-                         generator=torch.Generator(device=out.device).manual_seed(0))
+        do = grad_out_like(out)
 
         def run():
             return torch.cat([g.flatten() for g in flash.flash_backward(

@@ -46,6 +46,12 @@ def make_case(D, L, variant, device="cuda"):
     return q, k, v, bias
 
 
+def grad_out_like(out):
+    """The backward timings' dO: the same seeded values for every candidate of a case."""
+    return torch.randn(out.shape, device=out.device, dtype=out.dtype,
+                       generator=torch.Generator(device=out.device).manual_seed(0))
+
+
 def add_case_args(ap):
     """The case selection both sm90 timing scripts take (see make_case)."""
     ap.add_argument("--dims", default="64,128")
