@@ -14,7 +14,9 @@ call reads the environment switches); ``+NAME=VALUE`` suffixes set switches for 
 only. ``bwd``: this tree's ``flash.flash_backward`` of the case (the Triton backward kernels;
 TFLOP/s counted as 2.5x the forward's), ``bwd@plain`` the same without the case's mask (the
 masked / unmasked ratio in one interleaved run); their errors are against the first ``bwd``
-candidate's gradients. ``flashbwd``: SDPA flash's backward kernel alone
+candidate's gradients. ``fwd``, ``fwd@plain``: the same for
+``flash.flash_forward``, the whole forward dispatch (the Gluon kernel or, below its size bar
+or where it does not run, the Triton-language kernels). ``flashbwd``: SDPA flash's backward kernel alone
 (``aten._scaled_dot_product_flash_attention_backward``, unmasked: it takes no mask).
 ``old``: the ``flash_hopper`` module in ``DIR``, a copy of ``adaattn_compile/kernels``
 from another commit (``git archive REV adaattn_compile/kernels | tar -x -C tmp`` then
@@ -79,6 +81,12 @@ def _candidate(spec, old, q, k, v, bias, causal):
                               torch.ops.aten._scaled_dot_product_flash_attention_backward(
                                   do, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed,
                                   offset)])
+        return run, env
+    if base in ("fwd", "fwd@plain"):
+        mask = bias if base == "fwd" else None
+
+        def run():
+            return flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)[0]
         return run, env
     if base in ("bwd", "bwd@plain"):
         mask = bias if base == "bwd" else None
@@ -166,7 +174,7 @@ def main():
                 row = dict(D=D, causal=causal, L=L, B=B, H=H, variant=a.variant)
                 for spec, cand in cands.items():
                     bwd = spec.startswith("bwd")
-                    row[spec + "_err"] = (float("nan") if spec.startswith(("bwd@plain",
+                    row[spec + "_err"] = (float("nan") if spec.startswith(("bwd@plain", "fwd@plain",
                                                                            "flashbwd")) else
                                           _rel(_call(*cand), ref_bwd if bwd else ref))
                 ms = _interleaved(cands, a.iters)
