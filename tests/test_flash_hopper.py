@@ -218,8 +218,21 @@ def test_causal64_routing(flag, expected, monkeypatch):
         for lq, warpgroups in [(0, 2), (2048, 2), (5119, 2), (5120, 3), (16384, 3)]:
             cfg = flash_hopper.config(64, kind, True, lq)
             assert cfg[1] == warpgroups and cfg[8] == 2   # one key loop
-        assert flash_hopper.config(64, kind, False, 16384)[1] == 3   # (not causal: always)
         assert flash_hopper.config(128, kind, True, 16384)[1] == 2
+
+
+@pytest.mark.parametrize("kind", ["none", "row"])
+@pytest.mark.parametrize("causal, lq, block_n, warpgroups", [
+    (False, 0, 128, 3), (False, 512, 128, 2), (False, 2047, 128, 2), (False, 2048, 128, 3),
+    (False, 16384, 128, 3), (True, 0, 128, 2), (True, 512, 64, 2), (True, 1023, 64, 2),
+    (True, 1024, 128, 2)])
+def test_short_d64_configs(kind, causal, lq, block_n, warpgroups):
+    """Short D = 64 launches: not causal below Lq = 2k on two warpgroups (128-row blocks, no
+    ragged 192-row one at 512 / 1k), causal below 1k on 64-key tiles; D = 128 unchanged."""
+    cfg = flash_hopper.config(64, kind, causal, lq)
+    assert (cfg[0], cfg[1]) == (block_n, warpgroups)
+    assert cfg[8] == (2 if causal else 1)   # the built-in turnover either way
+    assert flash_hopper.config(128, kind, causal, lq) == flash_hopper.config(128, kind, causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

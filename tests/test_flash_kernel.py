@@ -187,6 +187,136 @@ def test_float_mask_no_grad_requested():
            mask_grad=False)
 
 
+def _key_bias(B, H, Lk, values, dtype, seed=0):
+    """A (B, H, 1, Lk) additive key row: random normal, or with some keys far from 0, at
+    -inf, or every key of the last batch at -inf (its rows fully masked)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(B, H, 1, Lk, generator=g, dtype=torch.float64)
+    if values in ("spread", "far"):
+        b[..., 1::5] = float("-inf")
+        b[..., 2::7] *= 20.0            # |b| up to ~60 (natural units): scaled, within range
+    if values == "far":
+        b[..., 3] = -1e4                # a finite bias far from 0: its key block adds it
+        b[..., -2] = 200.0
+    if values == "dead":
+        b[-1] = float("-inf")
+    return b.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("values", ["normal", "spread", "far", "dead"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,Hq,Hkv,heads", [
+    (torch.float32, 2, 2, 1), (torch.float16, 2, 2, 1), (torch.float32, 4, 2, 1),
+    (torch.float32, 4, 2, 4),
+])
+def test_key_bias_backward(values, causal, dtype, Hq, Hkv, heads, monkeypatch):
+    """An additive key row without its own gradient: dK / dV rows scaled by 2^b at the end
+    where one row serves every query head of a kv head and the dtype has the range (fp32,
+    bf16; KEY_SCALE), key blocks holding a finite bias beyond the range add it score by score
+    (a second pass). Against float64."""
+    _check_key_bias(values, causal, dtype, 2, Hq, Hkv, heads, 37, 90, 32, monkeypatch)
+
+
+def test_scaled_key_bias_pass_is_tuned_as_the_unmasked_kernel(monkeypatch):
+    """The dK / dV pass that runs the unmasked loop is launched with triton's tuning key of
+    the unmasked kernel, a bf16 bias included (the key holds every tensor's dtype: the rows
+    go in float32, as the unmasked launch's stand-in mask), so that both run on the same
+    tiles. (Launch keys only: the interpreter computes bf16 wrongly.)"""
+    keys = []
+    real = flash.launch.launch
+
+    def spy(fn, grid, args, consts, device):
+        if getattr(getattr(fn, "fn", fn), "__name__", "") == "_attn_bwd_dkdv":
+            named = dict(zip(fn.arg_names, args), **consts)
+            keys.append((consts["KEY_SCALE"], tuple(named[n] for n in fn.keys)
+                         + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))))
+        return real(fn, grid, args, consts, device)
+
+    monkeypatch.setattr(flash.launch, "launch", spy)
+    q, k, v = (torch.randn(1, 2, 40, 32, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 1, 1, 40, device=DEV, dtype=torch.bfloat16)
+    for mask in (bias, None):
+        out, lse = flash.flash_forward(q, k, v, attn_mask=mask)
+        flash.flash_backward(torch.ones_like(out), q, k, v, out, lse, attn_mask=mask)
+    (p1, scaled), (p2, rest), (p0, plain) = keys
+    assert (p1, p2, p0) == (1, 2, 0) and scaled == plain and rest != plain
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("values", ["spread", "far", "dead"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_key_bias(values, causal, D, monkeypatch):
+    """bf16 at real sizes, and no less accurate than adding the bias score by score (the
+    gradients of a strongly peaked softmax are ill-conditioned in bf16 either way: O is
+    rounded before delta = rowsum(dO * O))."""
+    new = _check_key_bias(values, causal, torch.bfloat16, 2, 8, 2, 1, 1029, 1100, D,
+                          monkeypatch, tol=None)
+    monkeypatch.setenv("ADAATTN_FLASH_BWD_KEY_SCALE", "0")
+    old = _check_key_bias(values, causal, torch.bfloat16, 2, 8, 2, 1, 1029, 1100, D,
+                          monkeypatch, tol=None, paths=False)
+    for name in new:
+        assert new[name] <= 1.25 * old[name] + 1e-4, (name, new[name], old[name])
+        assert new[name] < max(TOL[torch.bfloat16], 1.25 * old[name]), (name, new[name])
+
+
+def _check_key_bias(values, causal, dtype, B, Hq, Hkv, heads, Lq, Lk, D, monkeypatch,
+                    tol=True, paths=True):
+    """-> the relative errors of dq, dk, dv against float64 (``tol``: asserted < TOL;
+    ``paths``: the dK / dV and dQ paths the launches took, asserted)."""
+    launched = {}
+    real = flash.launch.launch
+
+    tune_keys = {}
+
+    def spy(fn, grid, args, consts, device):
+        name = getattr(getattr(fn, "fn", fn), "__name__", "")
+        launched.setdefault(name, []).append(consts)
+        if hasattr(fn, "keys"):   # triton's tuning key: the named values, every tensor's dtype
+            named = dict(zip(fn.arg_names, args), **consts)
+            tune_keys.setdefault(name, []).append(
+                tuple(named[n] for n in fn.keys)
+                + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+        return real(fn, grid, args, consts, device)
+
+    monkeypatch.setattr(flash.launch, "launch", spy)
+    torch.manual_seed(3)
+    q = torch.randn(B, Hq, Lq, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, D, device=DEV, dtype=dtype)
+    mask = _key_bias(B, heads, Lk, values, dtype)
+    out, lse = flash.flash_forward(q, k, v, attn_mask=mask, is_causal=causal)
+    do = torch.randn_like(out)
+    dq, dk, dv, dm = flash.flash_backward(do, q, k, v, out, lse, attn_mask=mask,
+                                          is_causal=causal)
+    assert dm is None
+    if paths:
+        # (two dK / dV passes where the rows are scaled: the scaled blocks, then the rest)
+        scaled = dtype != torch.float16 and (heads == 1 or Hq == Hkv)
+        assert [c["KEY_SCALE"] for c in launched["_attn_bwd_dkdv"]] == ([1, 2] if scaled
+                                                                         else [0])
+        assert [c["HAS_MASK"] for c in launched["_attn_bwd_dkdv"]] == ([False, True] if scaled
+                                                                        else [True])
+        if scaled:   # the scaled pass is tuned as the unmasked kernel is (the same tiles)
+            launched.clear()
+            flash.flash_backward(do, q, k, v, *flash.flash_forward(q, k, v, is_causal=causal),
+                                 is_causal=causal)
+            assert tune_keys["_attn_bwd_dkdv"][0] == tune_keys["_attn_bwd_dkdv"][-1]
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = _reference(qr, kr, vr, mask.double(), causal, 1.0 / math.sqrt(D))
+    ref.backward(do.double())
+    errs = {}
+    for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+        want = torch.nan_to_num(want, nan=0.0)
+        assert torch.isfinite(got).all(), name
+        errs[name] = _rel(got, want)
+        if tol:
+            assert errs[name] < TOL[dtype], (name, errs[name])
+    if values == "dead":
+        assert (dk[-1] == 0).all() and (dv[-1] == 0).all() and (dq[-1] == 0).all()
+    return errs
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_with_causal_and_gqa(kind):
     B, Hq, Hkv, Lq, Lk = 2, 4, 2, 39, 39
@@ -313,6 +443,15 @@ def test_descriptor_path_misaligned_falls_back(monkeypatch):
     calls = _tma_calls(monkeypatch)
     _check(2, 2, 2, 27, 35, 32, 32, torch.float16, layout="padded", backward=False)
     assert not calls
+
+
+def test_backward_tuning_is_keyed_by_length_bucket():
+    """The backward kernels are tuned per power-of-two length bucket (a config tuned at one
+    length served every length before)."""
+    assert "TUNE_L" in flash._KEY_EXTRA["dkdv"] and "TUNE_L" in flash._KEY_EXTRA["dq"]
+    assert [flash._tune_bucket(L, L) for L in (1, 100, 128, 129, 2048, 3000, 16384, 10 ** 6)] \
+        == [7, 7, 7, 8, 11, 12, 14, 15]
+    assert flash._tune_bucket(10, 5000) == flash._tune_bucket(5000, 10) == 13
 
 
 def test_inv_split():

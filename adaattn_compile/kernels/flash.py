@@ -511,6 +511,62 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_ba
     return dk, dv
 
 
+@triton.jit
+def _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64, off_hk, offs_n, offs_d,
+                    offs_dv, lo, diag_hi, full_hi, stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_mb, stride_mh, stride_mm, stride_mn,
+                    stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP, Lq, Lk,
+                    D: tl.constexpr, DV: tl.constexpr, qk_scale, BLOCK_M: tl.constexpr,
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, CAUSAL: tl.constexpr,
+                    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_RB: tl.constexpr,
+                    MASK_CB: tl.constexpr, STORE_DS: tl.constexpr, PREC: tl.constexpr):
+    """dK / dV of one key block summed over the query heads of its kv head: per head the
+    causal diagonal blocks, the full blocks and the ragged tail of the query rows."""
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b64 * Hq + off_h
+        q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b64 * stride_gb + off_h.to(tl.int64) * stride_gh
+        mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
+        lse_base = LSE2 + bh * Lq
+        delta_base = Delta + bh * Lq
+        ds_base = DS + bh * Lq * Lk
+        # causal diagonal blocks (masked)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, lo, diag_hi,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        # full blocks
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, diag_hi, full_hi,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, False, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        # ragged tail of the query rows (masked)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
+                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, full_hi, Lq,
+                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
+                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _key_bias_log2(Mask, off_b64, off_h, offs_n, n_ok, stride_mb, stride_mh, stride_mn,
+                   VOLATILE: tl.constexpr):
+    """The additive key row of (batch, head) at keys offs_n, in log2 units (fp32)."""
+    ptrs = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh + offs_n * stride_mn
+    return tl.load(ptrs, mask=n_ok, other=0.0, volatile=VOLATILE).to(tl.float32) \
+        * 1.4426950408889634
+
+
+# KEY_SCALE: how far (log2 units) a key's bias may be from 0 for its dK / dV rows to be
+# scaled at the end (see _attn_bwd_dkdv): P without the bias is P * 2^-b, at most 2^64 (and
+# down to 2^-64 of it), well inside fp32 / bf16 range.
+_KEY_SCALE_RANGE = tl.constexpr(64.0)
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
@@ -524,7 +580,20 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                    MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, STORE_DS: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   PREC: tl.constexpr, KEY_SCALE: tl.constexpr, TUNE_L: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block (BLOCK_N keys of one (batch, kv head)), looping over the query
+    blocks of each query head that reads it.
+
+    KEY_SCALE (an additive bias per key, broadcast over the query rows and the same for every
+    query head of this kv head; set by the host): P = 2^(s - lse2) * 2^b_n, and 2^b_n is
+    constant over this program's loop, so pass 1 runs the loop without the mask, as for no
+    mask at all, and scales the dK / dV rows by 2^b_n once at the end (rows of -inf keys: 0),
+    for the key blocks whose finite biases are all within _KEY_SCALE_RANGE of 0 (so that
+    P * 2^-b stays in range); pass 2 (a second launch) adds the bias score by score in the
+    other blocks, and leaves at once in the rest. Two passes rather than a branch between the
+    two loops in one kernel: that kernel took more registers and other tiles than the
+    unmasked one, and ran 19-23 % slower than it (causal D = 64, 2k / 4k, H100)."""
     EVEN_D: tl.constexpr = BLOCK_D == D
     EVEN_DV: tl.constexpr = BLOCK_DV == DV
     pid_n = tl.program_id(0)
@@ -560,34 +629,68 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
         diag_hi = 0
     full_hi = tl.maximum(diag_hi, lq_floor)
 
-    for g in range(0, GROUP):
-        off_h = off_hk * GROUP + g
-        bh = off_b64 * Hq + off_h
-        q_base = Q + off_b64 * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_b64 * stride_gb + off_h.to(tl.int64) * stride_gh
-        mask_base = Mask + off_b64 * stride_mb + off_h.to(tl.int64) * stride_mh
-        lse_base = LSE2 + bh * Lq
-        delta_base = Delta + bh * Lq
-        ds_base = DS + bh * Lq * Lk
-        # causal diagonal blocks (masked)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
-                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, lo, diag_hi,
-                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
-                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
-        # full blocks
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
-                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, diag_hi, full_hi,
-                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, False, CAUSAL,
-                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
-        # ragged tail of the query rows (masked)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 mask_base, ds_base, stride_qm, stride_qd, stride_gm, stride_gd,
-                                 stride_mm, stride_mn, offs_n, offs_d, offs_dv, full_hi, Lq,
-                                 Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, True, CAUSAL,
-                                 HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+    if KEY_SCALE == 0:
+        dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64, off_hk,
+                                 offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
+                                 stride_qb, stride_qh, stride_qm, stride_qd,
+                                 stride_mb, stride_mh, stride_mm, stride_mn,
+                                 stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP, Lq, Lk,
+                                 D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, CAUSAL, HAS_MASK,
+                                 MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok, d_ok,
+                    dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                    stride_dvb, stride_dvh, stride_dvn, stride_dvd)
+    else:
+        bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
+                              stride_mh, stride_mn, False)
+        in_range = tl.max(tl.abs(tl.where(bias == float("-inf"), 0.0, bias)), 0) \
+            <= _KEY_SCALE_RANGE
+        if KEY_SCALE == 1:
+            if in_range:
+                dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64,
+                                         off_hk, offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
+                                         stride_qb, stride_qh, stride_qm, stride_qd,
+                                         stride_mb, stride_mh, stride_mm, stride_mn,
+                                         stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP,
+                                         Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV,
+                                         CAUSAL, False, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS,
+                                         PREC)
+                # the key rows read again rather than kept through the loop (volatile: not
+                # merged with the first read; their pointers built again too). Held, they took
+                # 172 registers a thread at the (32, 64) tiles against the unmasked kernel's
+                # 157, over the 168 that let three programs share an SM: the whole backward
+                # with a bias ran 71-77 % of the unmasked one's speed (D = 64, not causal).
+                # Read again: 166, pass 1 0.97 / 1.05x the unmasked kernel's time at 2k / 16k
+                # (H100, thirteenth session)
+                bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
+                                      stride_mh, stride_mn, True)
+                dead = bias == float("-inf")
+                # (a -inf key's rows may hold inf / nan from the unbiased P: replaced)
+                row_scale = tl.math.exp2(tl.where(dead, 0.0, bias))[:, None]
+                dk = tl.where(dead[:, None], 0.0, dk * row_scale)
+                dv = tl.where(dead[:, None], 0.0, dv * row_scale)
+                _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok,
+                            d_ok, dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn,
+                            stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
+        else:
+            if not in_range:
+                dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64,
+                                         off_hk, offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
+                                         stride_qb, stride_qh, stride_qm, stride_qd,
+                                         stride_mb, stride_mh, stride_mm, stride_mn,
+                                         stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP,
+                                         Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV,
+                                         CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
+                                         STORE_DS, PREC)
+                _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok,
+                            d_ok, dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn,
+                            stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
 
+
+@triton.jit
+def _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok, d_ok, dv_ok,
+                sm_scale, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                stride_dvb, stride_dvh, stride_dvn, stride_dvd):
     dk = dk * sm_scale
     st_ok = n_ok[:, None]
     tl.store(DK + off_b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh
@@ -651,7 +754,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE2, Delta, DQ,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                  MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 TUNE_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     EVEN_D: tl.constexpr = BLOCK_D == D
     EVEN_DV: tl.constexpr = BLOCK_DV == DV
     pid_m = tl.program_id(0)
@@ -761,7 +864,9 @@ def _configs(kind, bucket, cap, override=None):
     (dkdv): every candidate satisfies that."""
     if _INTERPRET:
         c = {"fwd": [(32, 16, 4, 1)], "fwd_tma": [(32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)],
-             "dq": [(32, 16, 4, 1)]}[kind]
+             "dkdv_rest": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}[kind]
+    elif kind == "dkdv_rest":   # (not tuned: its programs mostly leave at once)
+        c = _CANDIDATES["dkdv"][bucket][:1]
     else:
         c = override or _CANDIDATES[kind][bucket]
     if kind == "fwd_tma":
@@ -776,8 +881,9 @@ def _configs(kind, bucket, cap, override=None):
     return [_cfg(*x) for x in c]
 
 
+# dkdv_rest: the dK / dV kernel's second pass with a key bias (KEY_SCALE 2)
 _KERNELS = {"fwd": _attn_fwd, "fwd_tma": _attn_fwd_tma, "dkdv": _attn_bwd_dkdv,
-            "dq": _attn_bwd_dq}
+            "dkdv_rest": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}
 
 
@@ -811,7 +917,17 @@ def _autotune_enabled():
     return os.environ.get("ADAATTN_FLASH_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-_KEY_EXTRA = {"fwd": ["BIAS_ROWS"], "fwd_tma": ["BIAS_ROWS", "WARP_SPEC"]}
+_KEY_EXTRA = {"fwd": ["BIAS_ROWS"], "fwd_tma": ["BIAS_ROWS", "WARP_SPEC"],
+              "dq": ["TUNE_L"], "dkdv": ["TUNE_L"], "dkdv_rest": ["KEY_SCALE", "TUNE_L"]}
+
+
+def _tune_bucket(lq, lk):
+    """TUNE_L of the backward kernels: the power-of-two bucket of the longer sequence, in their
+    autotune keys (a constexpr the kernels do not read). Without it the config tuned at the
+    first call's length served every length: the masked causal dK / dV kernel at D = 64 ran
+    16k on the (16, 64) tiles an earlier call chose, 6.93 ms against 5.91 ms on the default
+    (64, 128) ones (H100)."""
+    return max(7, min(15, (max(lq, lk, 1) - 1).bit_length()))
 
 
 def _config_override(kind):
@@ -1197,15 +1313,22 @@ def _fwd_flops(q, k, causal):
 
 def _sm90_min_flops():
     """Calls smaller than this (forward FLOPs) take the Triton kernel: the Gluon kernel's
-    launch (three tensor-map descriptors encoded on the host per call) costs more host time,
-    and a small call's kernel cannot hide it. bert-base, batch 1, L = 4096 (52 GFLOP a call):
-    0.54x stock through the Gluon kernel, 1.17x through the Triton one (2026-11-25, H100, the
-    whole model host-bound). ``ADAATTN_SM90_MIN_GFLOPS`` (default 100) moves the bar."""
+    launch encodes three tensor-map descriptors on the host per call, so a call costs more host
+    time there, and a small call's kernel cannot hide it. Through triton's own launcher that was
+    ~80 us a call (bert-base, batch 1, L = 4096, 52 GFLOP a call: 0.54x stock through the Gluon
+    kernel, 1.17x through the Triton one, H100, fifth session), and the bar was 100 GFLOP.
+    Through the bound launch (flash_hopper.BoundForward) it is ~14 us: the op's host time 58 us
+    a call against 44 on the Triton kernel (scripts/op_overhead.py, (1, 16, 512, 128) bf16,
+    thirteenth session). The bar is now 32 GFLOP, a kernel of ~100 us at 300 TFLOP/s, which
+    those 14 us cannot outweigh where the Gluon kernel is ahead: at B * L = 16k tokens, L = 512
+    and 1k (34-69 GFLOP, D = 64 and 128, causal and not), 7-122 % faster than the Triton one
+    without a mask and 24-121 % with a key bias (interleaved timing, H100, thirteenth
+    session). ``ADAATTN_SM90_MIN_GFLOPS`` moves the bar."""
     text = os.environ.get("ADAATTN_SM90_MIN_GFLOPS", "")
     try:
-        return float(text) * 1e9 if text else 100e9
+        return float(text) * 1e9 if text else 32e9
     except ValueError:
-        return 100e9
+        return 32e9
 
 
 def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
@@ -1289,6 +1412,17 @@ def _reduce_to_shape(full, shape):
     return full.reshape(shape)
 
 
+def _key_rows_f32(mask, ms, B, Hq, Lk):
+    """A row-broadcast mask's (B|1, H|1, Lk) key rows as a compact float32 tensor, and its
+    four strides in the kernels' (b, h, query, key) order (0 where broadcast)."""
+    nb, nh = (B if ms[0] else 1), (Hq if ms[1] else 1)
+    rows = torch.as_strided(mask, (nb, nh, Lk), (ms[0], ms[1], ms[3]), mask.storage_offset())
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    return rows, (rows.stride(0) if nb > 1 else 0, rows.stride(1) if nh > 1 else 0, 0,
+                  rows.stride(2))
+
+
 def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False, scale=None,
                    mask_needs_grad=False):
     """Flash attention backward (FlashAttention-2: preprocess delta = rowsum(dO * O), one kernel
@@ -1341,19 +1475,39 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
                       dict(BLOCK_DV=BDV, BLOCK_M=PRE_M), dev)
         consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                       MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec)
-        launch.launch(_tuned("dkdv", max(BD, BDV), q.dtype, dev),
-                      lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
-                      (q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
-                       *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
-                       *dk.stride(), *dv.stride(),
-                       Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale),
-                      dict(STORE_DS=store_ds, **consts), dev)
+        key_bias = has_mask and rb and not cb and not is_bool
+        # dK / dV rows scaled by each key's bias at the end (see _attn_bwd_dkdv): where one
+        # bias row serves every query head of a kv head, and P * 2^-b keeps to the input
+        # dtype's range (not fp16's)
+        key_scale = (key_bias and not store_ds and (ms[1] == 0 or group == 1)
+                     and q.dtype in (torch.bfloat16, torch.float32)
+                     and _env_flag("ADAATTN_FLASH_BWD_KEY_SCALE", True))
+
+        def dkdv_args(mask, ms):
+            return (q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
+                    *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
+                    *dk.stride(), *dv.stride(),
+                    Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale)
+        # (pass 1 runs the unmasked loop: launched as unmasked, with the key rows in float32
+        # as the unmasked launch's stand-in mask is (triton's tuning key holds every tensor
+        # argument's dtype), it shares the unmasked kernel's tuning and so its tiles; tuned
+        # apart, the masked kernels had come out on other tiles and 13-27 % slower than the
+        # unmasked one, D = 64, H100)
+        passes = ((("dkdv", 1, dkdv_args(*_key_rows_f32(mask, ms, B, Hq, Lk)),
+                    dict(consts, HAS_MASK=False, MASK_RB=False)),
+                   ("dkdv_rest", 2, dkdv_args(mask, ms), consts)) if key_scale
+                  else (("dkdv", 0, dkdv_args(mask, ms), consts),))
+        for kind, pass_, args, flags in passes:
+            launch.launch(_tuned(kind, max(BD, BDV), q.dtype, dev),
+                          lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv), args,
+                          dict(STORE_DS=store_ds, KEY_SCALE=pass_, TUNE_L=_tune_bucket(Lq, Lk),
+                               **flags), dev)
         launch.launch(_tuned("dq", max(BD, BDV), q.dtype, dev),
                       lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
                       (q, k, v, mask, grad_out, lse2, delta, dq,
                        *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
                        *dq.stride(), Hq, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale),
-                      consts, dev)
+                      dict(TUNE_L=_tune_bucket(Lq, Lk), **consts), dev)
 
     d_mask = None
     if store_ds:

@@ -821,11 +821,23 @@ _BASE = {
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
 _CAUSAL_LONG = {(64, "none"): (128, 3, 3, True, 24, 160), (64, "row"): (128, 3, 3, True, 24, 160)}
 _CAUSAL_LONG_LQ = 5120
+# Short D = 64 launches (interleaved timing, H100, bf16, B * L = 16k tokens, thirteenth
+# session). Not causal, below Lq = 2k on two warpgroups: their 128-row blocks divide 512 and
+# 1k, where three warpgroups' 192-row blocks leave a ragged one (576 rows of work for 512):
+# 361 / 421 TFLOP/s at 512 / 1k against 298 / 407 on three (with a key bias 341 / 410 against
+# 282 / 400); at 2k three are ahead again (476 against 429). Causal, below Lq = 1k on 64-key
+# tiles: 512 246 against 208 on 128-key ones (with a key bias 222 against 182); at 1k 319
+# against 341, so 128 from there on.
+_SHORT = {(64, kind, causal): (64 if causal else 128, 2, 3, True, 24, 240)
+          for kind in ("none", "row") for causal in (False, True)}
+_SHORT_LQ = {False: 2048, True: 1024}
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
 _CONFIGS_LONG = {(d, kind): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, True))
                  for (d, kind), (bn, wg, st, pp, pr, cr) in _CAUSAL_LONG.items()}
+_CONFIGS_SHORT = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
+                  for (d, kind, causal), (bn, wg, st, pp, pr, cr) in _SHORT.items()}
 HEAD_DIMS = (64, 128)
 
 
@@ -836,15 +848,17 @@ def mask_kind(has_mask, row_bcast, col_bcast):
 
 
 def config(head_d, kind, causal, lq=0):
-    """The launch config (``lq``: query length; long causal launches may differ);
-    ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,PREGS,CREGS[,
-    QBUF[,TURNOVER]]"`` replaces it (tuning runs; QBUF defaults to 2 for a persistent launch,
-    else 1; TURNOVER to the built-in choice)."""
+    """The launch config (``lq``: query length, 0 if unknown; short and long launches may
+    differ). ``ADAATTN_SM90_CONFIG_<D>[_<kind>]="BLOCK_N,NUM_WG,STAGES,PINGPONG,PERSISTENT,
+    PREGS,CREGS[,QBUF[,TURNOVER]]"`` replaces it (tuning runs; QBUF defaults to 2 for a
+    persistent launch, else 1; TURNOVER to the built-in choice)."""
     txt = (os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}_{kind}")
            or os.environ.get(f"ADAATTN_SM90_CONFIG_{head_d}", "")).strip()
     if not txt:
         if causal and lq >= _CAUSAL_LONG_LQ and (head_d, kind) in _CONFIGS_LONG:
             return _CONFIGS_LONG[(head_d, kind)]
+        if 0 < lq < _SHORT_LQ[bool(causal)] and (head_d, kind, bool(causal)) in _CONFIGS_SHORT:
+            return _CONFIGS_SHORT[(head_d, kind, bool(causal))]
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
     qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
