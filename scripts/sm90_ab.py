@@ -14,9 +14,9 @@ call reads the environment switches); ``+NAME=VALUE`` suffixes set switches for 
 only. ``bwd``: this tree's ``flash.flash_backward`` of the case (the Triton backward kernels;
 TFLOP/s counted as 2.5x the forward's), ``bwd@plain`` the same without the case's mask (the
 masked / unmasked ratio in one interleaved run); their errors are against the first ``bwd``
-candidate's gradients. ``fwd``, ``fwd@plain``: the same for
-``flash.flash_forward``, the whole forward dispatch (the Gluon kernel or, below its size bar
-or where it does not run, the Triton-language kernels). ``flashbwd``: SDPA flash's backward kernel alone
+candidate's gradients. ``fwd``, ``fwd@plain``: the same for ``flash.flash_forward``, the
+whole forward dispatch (the Gluon kernel or, below its size bar or where it does not run, the
+Triton-language kernels). ``flashbwd``: SDPA flash's backward kernel alone
 (``aten._scaled_dot_product_flash_attention_backward``, unmasked: it takes no mask).
 ``old``: the ``flash_hopper`` module in ``DIR``, a copy of ``adaattn_compile/kernels``
 from another commit (``git archive REV adaattn_compile/kernels | tar -x -C tmp`` then
@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adaattn_compile.kernels import flash, flash_hopper  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sm90_tune import _rel, add_case_args, grad_out_like, make_case  # noqa: E402  (the tuning runs' inputs)
+# (the tuning runs' inputs)
+from sm90_tune import _rel, add_case_args, grad_out_like, make_case  # noqa: E402
 
 
 def _load_old(folder):

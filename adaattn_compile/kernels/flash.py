@@ -629,7 +629,21 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
         diag_hi = 0
     full_hi = tl.maximum(diag_hi, lq_floor)
 
+    # which key blocks this launch computes: all of them without KEY_SCALE; with it, pass 1
+    # those whose rows it can scale, pass 2 the others
     if KEY_SCALE == 0:
+        todo = True
+    else:
+        bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
+                              stride_mh, stride_mn, False)
+        in_range = tl.max(tl.abs(tl.where(bias == float("-inf"), 0.0, bias)), 0) \
+            <= _KEY_SCALE_RANGE
+        if KEY_SCALE == 1:
+            todo = in_range
+        else:
+            todo = not in_range
+    if todo:
+        # (pass 1 is launched with HAS_MASK off: the loop without the mask)
         dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64, off_hk,
                                  offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
                                  stride_qb, stride_qh, stride_qm, stride_qd,
@@ -637,54 +651,23 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
                                  stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP, Lq, Lk,
                                  D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV, CAUSAL, HAS_MASK,
                                  MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC)
+        if KEY_SCALE == 1:
+            # the key rows read again rather than kept through the loop (volatile: not merged
+            # with the first read; their pointers built again too). Held, they took 172
+            # registers a thread at the (32, 64) tiles against the unmasked kernel's 157, over
+            # the 168 that let three programs share an SM: the whole backward with a bias ran
+            # 71-77 % of the unmasked one's speed (D = 64, not causal). Read again: 166, pass
+            # 1 0.97 / 1.05x the unmasked kernel's time at 2k / 16k (H100, thirteenth session)
+            bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
+                                  stride_mh, stride_mn, True)
+            dead = bias == float("-inf")
+            # (a -inf key's rows may hold inf / nan from the unbiased P: replaced)
+            row_scale = tl.math.exp2(tl.where(dead, 0.0, bias))[:, None]
+            dk = tl.where(dead[:, None], 0.0, dk * row_scale)
+            dv = tl.where(dead[:, None], 0.0, dv * row_scale)
         _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok, d_ok,
                     dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                     stride_dvb, stride_dvh, stride_dvn, stride_dvd)
-    else:
-        bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
-                              stride_mh, stride_mn, False)
-        in_range = tl.max(tl.abs(tl.where(bias == float("-inf"), 0.0, bias)), 0) \
-            <= _KEY_SCALE_RANGE
-        if KEY_SCALE == 1:
-            if in_range:
-                dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64,
-                                         off_hk, offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
-                                         stride_qb, stride_qh, stride_qm, stride_qd,
-                                         stride_mb, stride_mh, stride_mm, stride_mn,
-                                         stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP,
-                                         Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV,
-                                         CAUSAL, False, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS,
-                                         PREC)
-                # the key rows read again rather than kept through the loop (volatile: not
-                # merged with the first read; their pointers built again too). Held, they took
-                # 172 registers a thread at the (32, 64) tiles against the unmasked kernel's
-                # 157, over the 168 that let three programs share an SM: the whole backward
-                # with a bias ran 71-77 % of the unmasked one's speed (D = 64, not causal).
-                # Read again: 166, pass 1 0.97 / 1.05x the unmasked kernel's time at 2k / 16k
-                # (H100, thirteenth session)
-                bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
-                                      stride_mh, stride_mn, True)
-                dead = bias == float("-inf")
-                # (a -inf key's rows may hold inf / nan from the unbiased P: replaced)
-                row_scale = tl.math.exp2(tl.where(dead, 0.0, bias))[:, None]
-                dk = tl.where(dead[:, None], 0.0, dk * row_scale)
-                dv = tl.where(dead[:, None], 0.0, dv * row_scale)
-                _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok,
-                            d_ok, dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn,
-                            stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
-        else:
-            if not in_range:
-                dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64,
-                                         off_hk, offs_n, offs_d, offs_dv, lo, diag_hi, full_hi,
-                                         stride_qb, stride_qh, stride_qm, stride_qd,
-                                         stride_mb, stride_mh, stride_mm, stride_mn,
-                                         stride_gb, stride_gh, stride_gm, stride_gd, Hq, GROUP,
-                                         Lq, Lk, D, DV, qk_scale, BLOCK_M, EVEN_D, EVEN_DV,
-                                         CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB,
-                                         STORE_DS, PREC)
-                _store_dkdv(dk, dv, DK, DV_, off_b64, off_hk, offs_n, offs_d, offs_dv, n_ok,
-                            d_ok, dv_ok, sm_scale, stride_dkb, stride_dkh, stride_dkn,
-                            stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
 
 
 @triton.jit
