@@ -2,7 +2,7 @@
 and without the case's mask, from torch.profiler: which kernel a mask's cost lands in.
 
     python3 scripts/bwd_kernel_times.py [--dims 64] [--causal yes] [--lengths 16384]
-        [--variant bias] [--iters 10]
+        [--variant bias] [--iters 10] [--asm DIR]
 
 Prints, per case and kernel, the mean microseconds a call (after a warm-up that also tunes).
 """
@@ -60,6 +60,8 @@ def main():
     ap = argparse.ArgumentParser()
     add_case_args(ap)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--asm", default=None,
+                    help="write each backward kernel's TTGIR and PTX under this folder")
     a = ap.parse_args()
     for D in [int(x) for x in a.dims.split(",")]:
         for causal in {"both": [False, True], "yes": [True], "no": [False]}[a.causal]:
@@ -78,6 +80,28 @@ def main():
     print("launch plans (kernel, config and flags, warps, stages, registers, spills):")
     for row in plans():
         print("  ", *row)
+    if a.asm:
+        dump_asm(a.asm)
+
+
+def dump_asm(folder):
+    """Each backward launch plan's TTGIR / PTX, named by kernel and flags (no commas: the
+    device tool drops such names)."""
+    from adaattn_compile.kernels import launch
+    os.makedirs(folder, exist_ok=True)
+    for i, plan in enumerate(launch._PLANS.values()):
+        name = getattr(plan.kernel, "name", "") or getattr(
+            getattr(plan.kernel, "metadata", None), "name", "")
+        if "bwd_dkdv" not in name and "bwd_dq" not in name:
+            continue
+        tag = "_".join(f"{n}{int(plan.meta[n])}" for n in
+                       ("BLOCK_M", "BLOCK_N", "HAS_MASK", "KEY_SCALE", "CAUSAL")
+                       if n in plan.meta)
+        for ext in ("ttgir", "ptx"):
+            text = plan.kernel.asm.get(ext)
+            if text:
+                with open(os.path.join(folder, f"{i}_{name[:30]}_{tag}.{ext}"), "w") as f:
+                    f.write(text)
 
 
 if __name__ == "__main__":

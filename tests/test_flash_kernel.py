@@ -31,11 +31,12 @@ def _no_autotune():
         os.environ["ADAATTN_FLASH_AUTOTUNE"] = old
 
 
-def _rel(a, b):
+def _rel(a, b, terms=None):
     """Relative L2 error; the floor keeps exactly-zero references (e.g. dq of a query that sees a
-    single key) from turning rounding noise into a huge ratio."""
+    single key) from turning rounding noise into a huge ratio. ``terms``: how many values each
+    entry sums (a mask gradient reduced over broadcast dims), whose noise the floor covers."""
     a, b = a.double(), b.double()
-    den = max(b.norm().item(), 1e-2 * math.sqrt(b.numel()))
+    den = max(b.norm().item(), 1e-2 * math.sqrt(terms or b.numel()))
     return (a - b).norm().item() / den
 
 
@@ -112,7 +113,10 @@ def _check(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, causal=False, mask_kind=None, mshap
     if mask_grad and mask is not None and mask.dtype != torch.bool:
         assert dm is not None and dm.shape == mask.shape and dm.dtype == mask.dtype
         want = torch.nan_to_num(mr.grad, nan=0.0)
-        assert _rel(dm, want) < tol, ("d_mask", _rel(dm, want))
+        # (a "headonly" mask's exact gradient is 0: each entry sums B * Lq * Lk values of
+        # dS whose fp32 noise is all that is left)
+        err = _rel(dm, want, terms=B * Hq * Lq * Lk)
+        assert err < tol, ("d_mask", err)
     else:
         assert dm is None
 
@@ -198,6 +202,10 @@ def _key_bias(B, H, Lk, values, dtype, seed=0):
     if values == "far":
         b[..., 3] = -1e4                # a finite bias far from 0: its key block adds it
         b[..., -2] = 200.0
+    if values == "far_all":
+        # every key block (of 16 keys or more) adds it; (not key 0: the first causal rows
+        # would see only far keys, where fp32's rounding of s + b ~ -1e4 costs ~1e-4)
+        b[..., 5::7] = -1e4
     if values == "dead":
         b[-1] = float("-inf")
     return b.to(dtype).to(DEV)
@@ -215,6 +223,19 @@ def test_key_bias_backward(values, causal, dtype, Hq, Hkv, heads, monkeypatch):
     bf16; KEY_SCALE), key blocks holding a finite bias beyond the range add it score by score
     (a second pass). Against float64."""
     _check_key_bias(values, causal, dtype, 2, Hq, Hkv, heads, 37, 90, 32, monkeypatch)
+
+
+@pytest.mark.parametrize("values", ["far", "far_all"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Lk", [70, 90])
+def test_key_bias_worklist_pieces(values, causal, Lk, monkeypatch):
+    """The first dK / dV pass lists the key blocks it cannot scale in pieces of the second
+    pass's BLOCK_N, here 16 keys against its own 32 (the last block's pieces wholly past Lk
+    left out: a piece's number names its (batch, head) too), and the persistent second pass
+    (four programs here, several pieces each) computes each listed piece. Against float64."""
+    monkeypatch.setattr(flash, "_TUNED", {})
+    monkeypatch.setattr(flash, "_rest_config", lambda bucket, cap: (16, 16, 4, 1))
+    _check_key_bias(values, causal, torch.float32, 2, 2, 2, 1, 37, Lk, 32, monkeypatch)
 
 
 def test_scaled_key_bias_pass_is_tuned_as_the_unmasked_kernel(monkeypatch):

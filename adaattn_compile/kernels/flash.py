@@ -429,15 +429,18 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, Mask, Out, LSE,
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Lq"])
-def _bwd_preprocess(Out, DO, LSE, Delta, LSE2,
+def _bwd_preprocess(Out, DO, LSE, Delta, LSE2, Work,
                     stride_ob, stride_oh, stride_om, stride_od,
                     stride_gb, stride_gh, stride_gm, stride_gd,
                     stride_lb, stride_lh, stride_lm,
                     Hq, Lq, DV: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O); lse2 = lse * log2(e) with -inf (fully masked rows) -> +inf."""
+    """delta = rowsum(dO * O); lse2 = lse * log2(e) with -inf (fully masked rows) -> +inf;
+    the dK / dV kernel's worklist emptied (Work[0] = 0: see _attn_bwd_dkdv)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if (pid_m == 0) & (pid_bh == 0):
+        tl.store(Work, 0)
     off_b = (pid_bh // Hq).to(tl.int64)
     off_h = (pid_bh % Hq).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -473,6 +476,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_ba
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_mb
         m_ok = offs_m < Lq
+        if HAS_MASK:
+            # issued first, its latency overlapping the loads and the product (after the
+            # product, as in _bwd_dq_inner: the dK / dV kernel with a (B, 1, L, L) mask
+            # 1.05-1.41x this one's time as tuned, D = 64 / 128, 2k, H100)
+            amT = _load_mask_raw(mask_base, offs_n, offs_m, stride_mn, stride_mm, Lk, Lq,
+                                 MASK_CB, MASK_RB)
         q = _load_2d(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                      m_ok, d_ok, BOUNDARY, not EVEN_D)
         if BOUNDARY:
@@ -481,8 +490,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_ba
             lse2 = tl.load(lse_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         if HAS_MASK:
-            amT = _load_mask_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, Lk, Lq,
-                                  MASK_CB, MASK_RB, MASK_BOOL)
+            amT = _mask_finish(amT, offs_n.shape[0], offs_m.shape[0], MASK_CB, MASK_RB,
+                               MASK_BOOL)
             if MASK_BOOL:
                 pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
                 pT = tl.where(amT, pT, 0.0)
@@ -568,7 +577,7 @@ _KEY_SCALE_RANGE = tl.constexpr(64.0)
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
-def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
+def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS, Work,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -580,8 +589,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                    MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, STORE_DS: tl.constexpr,
-                   PREC: tl.constexpr, KEY_SCALE: tl.constexpr, TUNE_L: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   PREC: tl.constexpr, KEY_SCALE: tl.constexpr, REST_N: tl.constexpr,
+                   TUNE_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block (BLOCK_N keys of one (batch, kv head)), looping over the query
     blocks of each query head that reads it.
 
@@ -590,14 +599,62 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
     constant over this program's loop, so pass 1 runs the loop without the mask, as for no
     mask at all, and scales the dK / dV rows by 2^b_n once at the end (rows of -inf keys: 0),
     for the key blocks whose finite biases are all within _KEY_SCALE_RANGE of 0 (so that
-    P * 2^-b stays in range); pass 2 (a second launch) adds the bias score by score in the
-    other blocks, and leaves at once in the rest. Two passes rather than a branch between the
-    two loops in one kernel: that kernel took more registers and other tiles than the
-    unmasked one, and ran 19-23 % slower than it (causal D = 64, 2k / 4k, H100)."""
+    P * 2^-b stays in range). It lists the other blocks, in pieces of REST_N keys, in Work
+    (Work[0]: how many, zeroed by _bwd_preprocess); pass 2 (a second launch, persistent: a
+    program an SM or two) adds the bias score by score in the listed pieces only. Two passes
+    rather than a branch between the two loops in one kernel: that kernel took more registers
+    and other tiles than the unmasked one, and ran 19-23 % slower than it (causal D = 64,
+    2k / 4k, H100). A worklist rather than a pass-2 program per key block: those programs,
+    almost all leaving at once, cost 60-90 us a backward at any length (B * L = 16k tokens,
+    D = 64, H100) -- 10-14 % of the whole backward at L = 512."""
+    if KEY_SCALE == 2:
+        tl.static_assert(BLOCK_N == REST_N)
+        n_pieces = tl.cdiv(Lk, BLOCK_N)
+        for i in range(tl.program_id(0), tl.load(Work), tl.num_programs(0)):
+            piece = tl.load(Work + 1 + i)
+            _dkdv_block(piece % n_pieces, piece // n_pieces, Q, K, V, Mask, DO, LSE2, Delta,
+                        DK, DV_, DS, Work, stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_mb, stride_mh, stride_mm, stride_mn,
+                        stride_gb, stride_gh, stride_gm, stride_gd,
+                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                        Hq, Hkv, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, BLOCK_D, BLOCK_DV,
+                        CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC,
+                        KEY_SCALE, REST_N, BLOCK_M, BLOCK_N)
+    else:
+        _dkdv_block(tl.program_id(0), tl.program_id(1), Q, K, V, Mask, DO, LSE2, Delta,
+                    DK, DV_, DS, Work, stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_mb, stride_mh, stride_mm, stride_mn,
+                    stride_gb, stride_gh, stride_gm, stride_gd,
+                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                    Hq, Hkv, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, BLOCK_D, BLOCK_DV,
+                    CAUSAL, HAS_MASK, MASK_BOOL, MASK_RB, MASK_CB, STORE_DS, PREC,
+                    KEY_SCALE, REST_N, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dkdv_block(pid_n, pid_bh, Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS, Work,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_mb, stride_mh, stride_mm, stride_mn,
+                stride_gb, stride_gh, stride_gm, stride_gd,
+                stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                Hq, Hkv, GROUP, Lq, Lk, D: tl.constexpr, DV: tl.constexpr, qk_scale, sm_scale,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                MASK_RB: tl.constexpr, MASK_CB: tl.constexpr, STORE_DS: tl.constexpr,
+                PREC: tl.constexpr, KEY_SCALE: tl.constexpr, REST_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of key block pid_n of (batch, kv head) pid_bh (see _attn_bwd_dkdv)."""
     EVEN_D: tl.constexpr = BLOCK_D == D
     EVEN_DV: tl.constexpr = BLOCK_DV == DV
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     off_b64 = off_b.to(tl.int64)
@@ -629,19 +686,23 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE2, Delta, DK, DV_, DS,
         diag_hi = 0
     full_hi = tl.maximum(diag_hi, lq_floor)
 
-    # which key blocks this launch computes: all of them without KEY_SCALE; with it, pass 1
-    # those whose rows it can scale, pass 2 the others
-    if KEY_SCALE == 0:
-        todo = True
-    else:
+    # which key blocks pass 1 computes: those whose rows it can scale; it lists the others
+    # for pass 2, in pieces of pass 2's REST_N keys (those that hold keys)
+    if KEY_SCALE == 1:
         bias = _key_bias_log2(Mask, off_b64, off_hk * GROUP, offs_n, n_ok, stride_mb,
                               stride_mh, stride_mn, False)
-        in_range = tl.max(tl.abs(tl.where(bias == float("-inf"), 0.0, bias)), 0) \
+        todo = tl.max(tl.abs(tl.where(bias == float("-inf"), 0.0, bias)), 0) \
             <= _KEY_SCALE_RANGE
-        if KEY_SCALE == 1:
-            todo = in_range
-        else:
-            todo = not in_range
+        if not todo:
+            tl.static_assert(BLOCK_N % REST_N == 0)
+            n_pieces = tl.minimum(BLOCK_N // REST_N, tl.cdiv(Lk - start_n, REST_N))
+            first = tl.atomic_add(Work, n_pieces)
+            offs_piece = tl.arange(0, BLOCK_N // REST_N)
+            tl.store(Work + 1 + first + offs_piece,
+                     pid_bh * tl.cdiv(Lk, REST_N) + start_n // REST_N + offs_piece,
+                     mask=offs_piece < n_pieces)
+    else:
+        todo = True
     if todo:
         # (pass 1 is launched with HAS_MASK off: the loop without the mask)
         dk, dv = _bwd_dkdv_heads(dk, dv, k, v, Q, DO, LSE2, Delta, Mask, DS, off_b64, off_hk,
@@ -705,6 +766,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base,
                      n_ok, dv_ok, BOUNDARY, not EVEN_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_MASK:
+            # (loaded here, after the product: issued before it, or as a float32 row the
+            # software pipeliner streams into shared memory, this kernel ran no faster, or
+            # slower, with a key row: H100, fourteenth session)
             am = _load_mask_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, Lq, Lk,
                                  MASK_RB, MASK_CB, MASK_BOOL)
             if MASK_BOOL:
@@ -845,11 +909,11 @@ def _tma_pre_hook(nargs):
 def _configs(kind, bucket, cap, override=None):
     """Autotune candidates. Causal tiling needs BLOCK_N | BLOCK_M (fwd, dq) and BLOCK_M | BLOCK_N
     (dkdv): every candidate satisfies that."""
-    if _INTERPRET:
+    if kind == "dkdv_rest":   # (not tuned: it mostly has nothing to do)
+        c = [_rest_config(bucket, cap)]
+    elif _INTERPRET:
         c = {"fwd": [(32, 16, 4, 1)], "fwd_tma": [(32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)],
-             "dkdv_rest": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}[kind]
-    elif kind == "dkdv_rest":   # (not tuned: its programs mostly leave at once)
-        c = _CANDIDATES["dkdv"][bucket][:1]
+             "dq": [(32, 16, 4, 1)]}[kind]
     else:
         c = override or _CANDIDATES[kind][bucket]
     if kind == "fwd_tma":
@@ -862,6 +926,30 @@ def _configs(kind, bucket, cap, override=None):
         small = [x for x in c if x[0] * x[1] <= 64 * 64] or [(64, 32, 4, 2)]
         c = [(bm, bn, w, min(s, 2)) for bm, bn, w, s in small]
     return [_cfg(*x) for x in c]
+
+
+# the dK / dV kernel's second pass with a key bias (KEY_SCALE 2: pieces of REST_N = its BLOCK_N
+# keys, which must divide every first-pass BLOCK_N), per head-dim bucket
+_REST_CANDIDATE = {64: (32, 64, 4, 3), 128: (32, 64, 8, 3), 256: (16, 64, 8, 2),
+                   512: (16, 32, 4, 1)}
+
+
+def _rest_config(bucket, cap):
+    """The second pass's config: its BLOCK_N no larger than any first-pass candidate's (all
+    powers of two, so it divides them), BLOCK_M dividing BLOCK_N (causal tiling)."""
+    if _INTERPRET:
+        return (16, 32, 4, 1)
+    first = _config_override("dkdv") or _CANDIDATES["dkdv"][bucket]
+    bm, bn, w, st = _REST_CANDIDATE[bucket]
+    bn = min([bn] + [c[1] for c in first])
+    if not (cap[0] >= 9 or cap in ((8, 0), (8, 7))):
+        st = min(st, 2)
+    return (min(bm, bn), bn, w, st)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # dkdv_rest: the dK / dV kernel's second pass with a key bias (KEY_SCALE 2)
@@ -926,6 +1014,8 @@ def _tuned(kind, bd, dtype, device):
     cap = _capability(device)
     tune = _autotune_enabled()
     override = None if _INTERPRET else _config_override(kind)
+    if kind == "dkdv_rest":   # (its config follows the first pass's candidates: in the key)
+        override = _rest_config(_bucket(bd, dtype), cap)
     key = (kind, _bucket(bd, dtype), cap, tune, override)
     fn = _TUNED.get(key)
     if fn is None:
@@ -1448,26 +1538,33 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
     else:
         ds = torch.empty(1, device=dev, dtype=torch.float32)
 
+    key_bias = has_mask and rb and not cb and not is_bool
+    # dK / dV rows scaled by each key's bias at the end (see _attn_bwd_dkdv): where one
+    # bias row serves every query head of a kv head, and P * 2^-b keeps to the input
+    # dtype's range (not fp16's)
+    key_scale = (key_bias and not store_ds and (ms[1] == 0 or group == 1)
+                 and q.dtype in (torch.bfloat16, torch.float32)
+                 and _env_flag("ADAATTN_FLASH_BWD_KEY_SCALE", True))
+    # the dK / dV kernel's worklist (see _attn_bwd_dkdv): a count, then up to one entry per
+    # piece of REST_N keys of each (batch, kv head)
+    bucket = _bucket(max(BD, BDV), q.dtype)
+    rest_n = _rest_config(bucket, _capability(dev))[1]
+    n_pieces = B * Hkv * triton.cdiv(Lk, rest_n) if key_scale else 0
+    work = torch.empty(1 + n_pieces, device=dev, dtype=torch.int32)
+
     with _on_device(dev):
         PRE_M = 16 if _INTERPRET else 64
         # direct launches after the first of each specialisation (kernels/launch.py): through
         # triton, the three launches cost ~3 x 100 us of host time per backward
         launch.launch(_bwd_preprocess, lambda meta: (triton.cdiv(Lq, PRE_M), B * Hq),
-                      (out, grad_out, lse, delta, lse2,
+                      (out, grad_out, lse, delta, lse2, work,
                        *out.stride(), *grad_out.stride(), *lse.stride(), Hq, Lq, Dv),
                       dict(BLOCK_DV=BDV, BLOCK_M=PRE_M), dev)
         consts = dict(BLOCK_D=BD, BLOCK_DV=BDV, CAUSAL=bool(is_causal), HAS_MASK=has_mask,
                       MASK_BOOL=is_bool, MASK_RB=rb, MASK_CB=cb, PREC=prec)
-        key_bias = has_mask and rb and not cb and not is_bool
-        # dK / dV rows scaled by each key's bias at the end (see _attn_bwd_dkdv): where one
-        # bias row serves every query head of a kv head, and P * 2^-b keeps to the input
-        # dtype's range (not fp16's)
-        key_scale = (key_bias and not store_ds and (ms[1] == 0 or group == 1)
-                     and q.dtype in (torch.bfloat16, torch.float32)
-                     and _env_flag("ADAATTN_FLASH_BWD_KEY_SCALE", True))
 
         def dkdv_args(mask, ms):
-            return (q, k, v, mask, grad_out, lse2, delta, dk, dv, ds,
+            return (q, k, v, mask, grad_out, lse2, delta, dk, dv, ds, work,
                     *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(),
                     *dk.stride(), *dv.stride(),
                     Hq, Hkv, group, Lq, Lk, D, Dv, sm_scale * _LOG2E, sm_scale)
@@ -1480,11 +1577,15 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
                     dict(consts, HAS_MASK=False, MASK_RB=False)),
                    ("dkdv_rest", 2, dkdv_args(mask, ms), consts)) if key_scale
                   else (("dkdv", 0, dkdv_args(mask, ms), consts),))
+        # (pass 2 is persistent, two programs an SM at most: it is mostly empty)
+        n_sm = 2 if _INTERPRET else _sm_count(dev.index if dev.index is not None
+                                             else torch.cuda.current_device())
+        grids = {"dkdv": lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
+                 "dkdv_rest": lambda meta: (max(1, min(2 * n_sm, n_pieces)), 1)}
         for kind, pass_, args, flags in passes:
-            launch.launch(_tuned(kind, max(BD, BDV), q.dtype, dev),
-                          lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv), args,
-                          dict(STORE_DS=store_ds, KEY_SCALE=pass_, TUNE_L=_tune_bucket(Lq, Lk),
-                               **flags), dev)
+            launch.launch(_tuned(kind, max(BD, BDV), q.dtype, dev), grids[kind], args,
+                          dict(STORE_DS=store_ds, KEY_SCALE=pass_, REST_N=rest_n,
+                               TUNE_L=_tune_bucket(Lq, Lk), **flags), dev)
         launch.launch(_tuned("dq", max(BD, BDV), q.dtype, dev),
                       lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
                       (q, k, v, mask, grad_out, lse2, delta, dq,
