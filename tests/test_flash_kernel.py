@@ -566,3 +566,24 @@ def test_gpu_autotuned_path():
                mask_grad=True)
     finally:
         os.environ["ADAATTN_FLASH_AUTOTUNE"] = "0"
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (8, 0), (8, 6)])
+@pytest.mark.parametrize("bucket", [64, 128, 256, 512])
+def test_second_pass_pieces_divide_every_first_pass_block(bucket, cap, monkeypatch):
+    """The key-bias backward's first pass lists its unscalable key blocks in pieces of the
+    second pass's BLOCK_N: that must divide every BLOCK_N the first pass may be tuned to (the
+    GPU candidate tables, small shared memory included, and an override), and the second pass's
+    BLOCK_M its BLOCK_N (causal tiling)."""
+    monkeypatch.setattr(flash, "_INTERPRET", False)
+
+    def check():
+        bm, bn, _, _ = flash._rest_config(bucket, cap)
+        firsts = [c.kwargs["BLOCK_N"] for c in flash._configs(
+            "dkdv", bucket, cap, flash._config_override("dkdv"))]
+        assert firsts and all(n % bn == 0 for n in firsts), (bn, firsts)
+        assert bn % bm == 0
+
+    check()
+    monkeypatch.setenv("ADAATTN_FLASH_CONFIGS_DKDV", "16,32,4,2;32,128,8,3")
+    check()
