@@ -39,17 +39,24 @@ def kernel_times(q, k, v, mask, causal, iters):
     return {name: us / iters for name, us in total.items()}
 
 
-def plans():
-    """The backward kernels' launch plans so far: (name, config and flags, registers, spills)."""
+_FLAGS = ("BLOCK_M", "BLOCK_N", "HAS_MASK", "KEY_SCALE", "CAUSAL")
+
+
+def _backward_plans():
+    """(launch-plan number, kernel name, plan) of the backward kernels launched so far."""
     from adaattn_compile.kernels import launch
-    rows = []
-    for plan in launch._PLANS.values():
+    for i, plan in enumerate(launch._PLANS.values()):
         name = getattr(plan.kernel, "name", "") or getattr(
             getattr(plan.kernel, "metadata", None), "name", "")
-        if "bwd_dkdv" not in name and "bwd_dq" not in name:
-            continue
-        meta = {n: plan.meta[n] for n in ("BLOCK_M", "BLOCK_N", "HAS_MASK", "KEY_SCALE",
-                                          "CAUSAL") if n in plan.meta}
+        if "bwd_dkdv" in name or "bwd_dq" in name:
+            yield i, name, plan
+
+
+def plans():
+    """The backward kernels' launch plans so far: (name, config and flags, registers, spills)."""
+    rows = []
+    for _, name, plan in _backward_plans():
+        meta = {n: plan.meta[n] for n in _FLAGS if n in plan.meta}
         md = plan.kernel.metadata
         rows.append((name, meta, getattr(md, "num_warps", None), getattr(md, "num_stages", None),
                      getattr(plan.kernel, "n_regs", None), getattr(plan.kernel, "n_spills", None)))
@@ -87,16 +94,9 @@ def main():
 def dump_asm(folder):
     """Each backward launch plan's TTGIR / PTX, named by kernel and flags (no commas: the
     device tool drops such names)."""
-    from adaattn_compile.kernels import launch
     os.makedirs(folder, exist_ok=True)
-    for i, plan in enumerate(launch._PLANS.values()):
-        name = getattr(plan.kernel, "name", "") or getattr(
-            getattr(plan.kernel, "metadata", None), "name", "")
-        if "bwd_dkdv" not in name and "bwd_dq" not in name:
-            continue
-        tag = "_".join(f"{n}{int(plan.meta[n])}" for n in
-                       ("BLOCK_M", "BLOCK_N", "HAS_MASK", "KEY_SCALE", "CAUSAL")
-                       if n in plan.meta)
+    for i, name, plan in _backward_plans():
+        tag = "_".join(f"{n}{int(plan.meta[n])}" for n in _FLAGS if n in plan.meta)
         for ext in ("ttgir", "ptx"):
             text = plan.kernel.asm.get(ext)
             if text:

@@ -1156,6 +1156,16 @@ def _unit_last(t):
 
 
 _DUMMY_MASK: dict = {}
+_IDLE_WORK: dict = {}
+
+
+def _idle_work(device):
+    """The dK / dV worklist of a backward without a second pass: only its count is written (0,
+    by _bwd_preprocess; never read), so one per device serves every such call."""
+    work = _IDLE_WORK.get(device)
+    if work is None:
+        work = _IDLE_WORK[device] = torch.empty(1, device=device, dtype=torch.int32)
+    return work
 
 
 def _prep_mask(attn_mask, shape, device):
@@ -1550,7 +1560,8 @@ def flash_backward(grad_out, q, k, v, out, lse, attn_mask=None, is_causal=False,
     bucket = _bucket(max(BD, BDV), q.dtype)
     rest_n = _rest_config(bucket, _capability(dev))[1]
     n_pieces = B * Hkv * triton.cdiv(Lk, rest_n) if key_scale else 0
-    work = torch.empty(1 + n_pieces, device=dev, dtype=torch.int32)
+    work = (torch.empty(1 + n_pieces, device=dev, dtype=torch.int32) if key_scale
+            else _idle_work(dev))
 
     with _on_device(dev):
         PRE_M = 16 if _INTERPRET else 64
