@@ -228,11 +228,24 @@ def test_causal64_routing(flag, expected, monkeypatch):
     (True, 1024, 128, 2)])
 def test_short_d64_configs(kind, causal, lq, block_n, warpgroups):
     """Short D = 64 launches: not causal below Lq = 2k on two warpgroups (128-row blocks, no
-    ragged 192-row one at 512 / 1k), causal below 1k on 64-key tiles; D = 128 unchanged."""
+    ragged 192-row one at 512 / 1k), causal below 1k on 64-key tiles."""
     cfg = flash_hopper.config(64, kind, causal, lq)
     assert (cfg[0], cfg[1]) == (block_n, warpgroups)
     assert cfg[8] == (2 if causal else 1)   # the built-in turnover either way
-    assert flash_hopper.config(128, kind, causal, lq) == flash_hopper.config(128, kind, causal)
+
+
+@pytest.mark.parametrize("kind", ["none", "row", "tile"])
+@pytest.mark.parametrize("causal, lq, block_n", [
+    (False, 512, None), (False, 1023, None), (True, 0, None), (True, 1, 64), (True, 512, 64),
+    (True, 1023, 64), (True, 1024, None), (True, 16384, None)])
+def test_short_d128_configs(kind, causal, lq, block_n):
+    """Short causal D = 128 launches without a full mask run on 64-key tiles, three stages
+    (below Lq = 1k); everything else keeps the length-free config (``block_n`` None)."""
+    cfg = flash_hopper.config(128, kind, causal, lq)
+    if block_n is None or kind == "tile":
+        assert cfg == flash_hopper.config(128, kind, causal)
+    else:
+        assert cfg[:3] == (block_n, 2, 3) and cfg[4] and cfg[8] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

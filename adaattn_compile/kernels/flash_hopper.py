@@ -821,15 +821,20 @@ _BASE = {
 _CAUSAL = {(64, "none"): (128, 2, 3, True, 24, 240), (64, "row"): (128, 2, 3, True, 24, 240)}
 _CAUSAL_LONG = {(64, "none"): (128, 3, 3, True, 24, 160), (64, "row"): (128, 3, 3, True, 24, 160)}
 _CAUSAL_LONG_LQ = 5120
-# Short D = 64 launches (interleaved timing, H100, bf16, B * L = 16k tokens, thirteenth
-# session). Not causal, below Lq = 2k on two warpgroups: their 128-row blocks divide 512 and
+# Short launches (interleaved timing, H100, bf16, B * L = 16k tokens). D = 64 (thirteenth
+# session): not causal, below Lq = 2k on two warpgroups: their 128-row blocks divide 512 and
 # 1k, where three warpgroups' 192-row blocks leave a ragged one (576 rows of work for 512):
 # 361 / 421 TFLOP/s at 512 / 1k against 298 / 407 on three (with a key bias 341 / 410 against
 # 282 / 400); at 2k three are ahead again (476 against 429). Causal, below Lq = 1k on 64-key
 # tiles: 512 246 against 208 on 128-key ones (with a key bias 222 against 182); at 1k 319
-# against 341, so 128 from there on.
+# against 341, so 128 from there on. Causal D = 128 alike (fifteenth session, H = 16): below
+# Lq = 1k on 64-key tiles with three stages (197 KB of shared memory, 205 with a key bias; no
+# stack, offline compile): at 512 312 against 266 on 128-key ones, 286 against 235 with a key
+# bias (the bias costs 8 % instead of 12 %), two stages 270; at 1k 420 against 431 (with the
+# bias 383 against 376), at 2k 488 against 551 (455 against 500).
 _SHORT = {(64, kind, causal): (64 if causal else 128, 2, 3, True, 24, 240)
           for kind in ("none", "row") for causal in (False, True)}
+_SHORT.update({(128, kind, True): (64, 2, 3, True, 24, 240) for kind in ("none", "row")})
 _SHORT_LQ = {False: 2048, True: 1024}
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
