@@ -234,15 +234,18 @@ def test_short_d64_configs(kind, causal, lq, block_n, warpgroups):
     assert cfg[8] == (2 if causal else 1)   # the built-in turnover either way
 
 
-@pytest.mark.parametrize("kind", ["none", "row", "tile"])
-@pytest.mark.parametrize("causal, lq, block_n", [
-    (False, 512, None), (False, 1023, None), (True, 0, None), (True, 1, 64), (True, 512, 64),
-    (True, 1023, 64), (True, 1024, None), (True, 16384, None)])
+@pytest.mark.parametrize("kind, causal, lq, block_n", [
+    (kind, False, lq, None) for kind in ("none", "row", "tile") for lq in (512, 1023)] + [
+    (kind, True, lq, None) for kind in ("none", "row", "tile") for lq in (0, 2048, 16384)] + [
+    ("tile", True, 512, None), ("none", True, 1, 64), ("none", True, 1023, 64),
+    ("none", True, 1024, None), ("row", True, 1, 64), ("row", True, 1024, 64),
+    ("row", True, 1535, 64), ("row", True, 1536, None)])
 def test_short_d128_configs(kind, causal, lq, block_n):
-    """Short causal D = 128 launches without a full mask run on 64-key tiles, three stages
-    (below Lq = 1k); everything else keeps the length-free config (``block_n`` None)."""
+    """Short causal D = 128 launches run on 64-key tiles, three stages: below Lq = 1k without
+    a mask, below 1.5k with a key row; everything else keeps the length-free config
+    (``block_n`` None)."""
     cfg = flash_hopper.config(128, kind, causal, lq)
-    if block_n is None or kind == "tile":
+    if block_n is None:
         assert cfg == flash_hopper.config(128, kind, causal)
     else:
         assert cfg[:3] == (block_n, 2, 3) and cfg[4] and cfg[8] == 2
@@ -273,6 +276,26 @@ def test_bias_tile_layout(dtype, rows):
     again = flash_hopper._bias_tile(keep.view(torch.uint8), (B, H, Lq, Lk), ms, True, dtype,
                                     rows)
     assert torch.equal(again, tile)
+
+
+@pytest.mark.parametrize("layout", ["batch_row", "head_row", "key_vector", "offset_view"])
+def test_bias_tile_from_strided_rows(layout):
+    """The additive tile copies the row through the caller's strides and storage offset
+    (broadcast dims, a 1-D key vector, one query row sliced out of a larger mask)."""
+    B, H, Lq, Lk, dtype = 3, 4, 5, 37, torch.float16
+    mask = {"batch_row": lambda: torch.randn(B, 1, 1, Lk, dtype=dtype),
+            "head_row": lambda: torch.randn(1, H, 1, Lk, dtype=dtype),
+            "key_vector": lambda: torch.randn(Lk, dtype=dtype),
+            "offset_view": lambda: torch.randn(B, 1, Lq, Lk + 3, dtype=dtype)[:, :, 2:3, 1:-2],
+            }[layout]()
+    m, ms, *flags = flash._prep_mask(mask, (B, H, Lq, Lk), torch.device("cpu"))
+    tile = flash_hopper._bias_tile(mask, (B, H, Lq, Lk), ms, False, dtype, 2)
+    nb, nh = {"batch_row": (B, 1), "head_row": (1, H), "key_vector": (1, 1),
+              "offset_view": (B, 1)}[layout]
+    expect = mask.expand(B, H, Lq, Lk)[:nb, :nh, 0, :]
+    assert tile.shape == (nb, nh, Lk, 16) and tile.is_contiguous()
+    assert torch.equal(tile[..., 0], expect) and torch.equal(tile[..., 1], expect)
+    assert not tile[..., 2:].any()
 
 
 def test_bias_on_tensor_cores_only_for_rows_in_q_dtype(monkeypatch):

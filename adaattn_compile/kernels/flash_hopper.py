@@ -827,22 +827,27 @@ _CAUSAL_LONG_LQ = 5120
 # 361 / 421 TFLOP/s at 512 / 1k against 298 / 407 on three (with a key bias 341 / 410 against
 # 282 / 400); at 2k three are ahead again (476 against 429). Causal, below Lq = 1k on 64-key
 # tiles: 512 246 against 208 on 128-key ones (with a key bias 222 against 182); at 1k 319
-# against 341, so 128 from there on. Causal D = 128 alike (fifteenth session, H = 16): below
-# Lq = 1k on 64-key tiles with three stages (197 KB of shared memory, 205 with a key bias; no
-# stack, offline compile): at 512 312 against 266 on 128-key ones, 286 against 235 with a key
-# bias (the bias costs 8 % instead of 12 %), two stages 270; at 1k 420 against 431 (with the
-# bias 383 against 376), at 2k 488 against 551 (455 against 500).
-_SHORT = {(64, kind, causal): (64 if causal else 128, 2, 3, True, 24, 240)
+# against 341, so 128 from there on. Causal D = 128 alike (fifteenth session, H = 16), on 64-key
+# tiles with three stages (197 KB of shared memory, 205 with a key bias; no stack, offline
+# compile): at 512 312 against 266 on 128-key ones, 286 against 235 with a key bias (the bias
+# then costs 8 % instead of 12 %), two stages 270; at 1k 420 against 431, but with the bias
+# 408 / 383 / 404 against 392 / 376 / 390 (three runs); at 1.5k with the bias 459 against 466,
+# at 2k 488 against 551 (with the bias 457 / 455 against 499 / 500). So below 1k without a
+# bias, below 1.5k with one.
+# (D, kind, causal) -> (Lq bound, (BLOCK_N, NUM_WG, STAGES, PINGPONG, PREGS, CREGS)).
+_SHORT = {(64, kind, causal): (2048 if not causal else 1024,
+                               (64 if causal else 128, 2, 3, True, 24, 240))
           for kind in ("none", "row") for causal in (False, True)}
-_SHORT.update({(128, kind, True): (64, 2, 3, True, 24, 240) for kind in ("none", "row")})
-_SHORT_LQ = {False: 2048, True: 1024}
+_SHORT.update({(128, "none", True): (1024, (64, 2, 3, True, 24, 240)),
+               (128, "row", True): (1536, (64, 2, 3, True, 24, 240))})
 _CONFIGS = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
             for (d, kind), base in _BASE.items() for causal in (False, True)
             for (bn, wg, st, pp, pr, cr) in [_CAUSAL.get((d, kind), base) if causal else base]}
 _CONFIGS_LONG = {(d, kind): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, True))
                  for (d, kind), (bn, wg, st, pp, pr, cr) in _CAUSAL_LONG.items()}
-_CONFIGS_SHORT = {(d, kind, causal): (bn, wg, st, pp, True, pr, cr, 2, _turnover(kind, causal))
-                  for (d, kind, causal), (bn, wg, st, pp, pr, cr) in _SHORT.items()}
+_CONFIGS_SHORT = {(d, kind, causal): (bound, (bn, wg, st, pp, True, pr, cr, 2,
+                                                _turnover(kind, causal)))
+                  for (d, kind, causal), (bound, (bn, wg, st, pp, pr, cr)) in _SHORT.items()}
 HEAD_DIMS = (64, 128)
 
 
@@ -862,8 +867,9 @@ def config(head_d, kind, causal, lq=0):
     if not txt:
         if causal and lq >= _CAUSAL_LONG_LQ and (head_d, kind) in _CONFIGS_LONG:
             return _CONFIGS_LONG[(head_d, kind)]
-        if 0 < lq < _SHORT_LQ[bool(causal)] and (head_d, kind, bool(causal)) in _CONFIGS_SHORT:
-            return _CONFIGS_SHORT[(head_d, kind, bool(causal))]
+        bound, short = _CONFIGS_SHORT.get((head_d, kind, bool(causal)), (0, None))
+        if 0 < lq < bound:
+            return short
         return _CONFIGS[(head_d, kind, bool(causal))]
     v = [int(x) for x in txt.split(",")]
     qbuf = v[7] if len(v) > 7 else (2 if v[4] else 1)
@@ -994,15 +1000,22 @@ def _bias_tc(q, mask, mask_flags, sm_scale):
 def _bias_tile(mask, shape, mask_strides, is_bool, dtype, rows):
     """The (B|1, H|1, Lk, 16) tile read next to K for BIAS_TC: column 0 (and 1 if ``rows`` is
     2) the bias of key j (a bool mask: 0 / -inf), zeros elsewhere. ``mask``: the caller's row
-    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as their uint8 view."""
-    b = mask.expand(shape)[:, :, 0, :]
-    if mask_strides[0] == 0:
-        b = b[:1]
-    if mask_strides[1] == 0:
-        b = b[:, :1]
+    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as their uint8 view.
+
+    This runs at every masked call, so an additive row takes two ops: a zero tile and one
+    strided copy of the row into its first columns. (``F.pad`` of the expanded row cost more
+    host time: the bound masked forward enqueued in 93 against 80 us a call, the unmasked one
+    in 33, H100 host, D = 128 causal 512, whose kernel runs 113 us.)"""
+    B, H, _, Lk = shape
+    nb, nh = (B if mask_strides[0] else 1), (H if mask_strides[1] else 1)
+    full = mask.expand(shape)
     if is_bool:
-        b = torch.where(b.view(torch.bool), 0.0, float("-inf")).to(dtype)
-    return torch.nn.functional.pad(b.unsqueeze(-1).expand(*b.shape, rows), (0, 16 - rows))
+        b = torch.where(full[:nb, :nh, 0, :].view(torch.bool), 0.0, float("-inf")).to(dtype)
+        return torch.nn.functional.pad(b.unsqueeze(-1).expand(*b.shape, rows), (0, 16 - rows))
+    sb, sh, _, sk = full.stride()
+    tile = torch.zeros((nb, nh, Lk, 16), dtype=dtype, device=mask.device)
+    tile.narrow(3, 0, rows).copy_(full.as_strided((nb, nh, Lk, rows), (sb, sh, sk, 0)))
+    return tile
 
 
 # The kernel's constexpr parameters, in order (the launcher key holds their values).
