@@ -24,7 +24,7 @@ from .passes import mha
 from .options import Options
 from .passes.graph_utils import hint, location, meta
 from .passes.match import AttentionMatch, find_attention
-from .passes.rewrite import erase_dead, new_site_id, rewrite_site
+from .passes.rewrite import erase_dead, insert_node, new_site_id, rewrite_site
 from .passes.share_masks import copy_shared_strided_masks, share_mask_computations
 from .report import Decision, GraphRecord, Site, SkippedSite
 
@@ -169,6 +169,13 @@ def _to_torch_sdpa(gm: fx.GraphModule, call: fx.Node, replaced: dict) -> None:
     with gm.graph.inserting_before(call):
         sdpa = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
     for user in list(call.users):
+        if user.target is operator.getitem and user.args[1] == 1:
+            # the lse, read only to find the rows with every key masked (see
+            # rewrite._eager_masked_rows): SDPA returns none, the mask tells them
+            with gm.graph.inserting_before(user):
+                user.replace_all_uses_with(_dead_rows_as_lse(gm.graph, mask))
+            gm.graph.erase_node(user)
+            continue
         if not (user.target is operator.getitem and user.args[1] == 0):
             raise RuntimeError(f"unexpected use of the op's results: {user.format_node()}")
         sdpa.meta.update(user.meta)   # (out's fake value, stack trace, module stack)
@@ -178,6 +185,20 @@ def _to_torch_sdpa(gm: fx.GraphModule, call: fx.Node, replaced: dict) -> None:
                 replaced[key] = sdpa
         gm.graph.erase_node(user)
     gm.graph.erase_node(call)
+
+
+def _dead_rows_as_lse(graph: fx.Graph, mask) -> fx.Node:
+    """-inf where a query row has every key masked, else 0 (an lse stand-in, broadcastable to
+    the output's rows). No mask: no such row (SDPA's path never takes a mask with causal)."""
+    if mask is None:
+        return insert_node(graph, "call_function", torch.zeros, ((),))
+    if meta(mask).dtype == torch.bool:
+        live = insert_node(graph, "call_method", "any", (mask, -1))
+    else:
+        live = insert_node(graph, "call_function", torch.logical_not,
+                       (insert_node(graph, "call_method", "all",
+                                (insert_node(graph, "call_function", torch.isneginf, (mask,)), -1)),))
+    return insert_node(graph, "call_function", torch.where, (live, 0.0, float("-inf")))
 
 
 def _describe_mha(m, site_id: str, graph: str, options: Options) -> Site:

@@ -389,3 +389,92 @@ def test_two_sites_and_a_lookalike_in_one_graph():
     out, sites, skipped, _ = compile_and_run(fn, q, k, v)
     assert len(sites) == 2 and len(skipped) == 1
     assert rel_err(out, fn(q, k, v)) < 1e-5
+
+
+# --- rows with every key masked: eager's value, not the op's 0 ----------------------------------
+
+def _dead_rows_keep(lq, lk):
+    keep = torch.ones(B, 1, lq, lk, dtype=torch.bool)
+    keep[0, :, 2] = False            # one query row of batch 0 sees no key
+    keep[1, :, :, :3] = False        # and batch 1 loses its first keys (left padding)
+    return keep
+
+
+def fill_masked(fill):
+    def fn(q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        return s.masked_fill(~keep, fill).softmax(-1) @ v
+    return fn
+
+
+def where_masked(fill):
+    def fn(q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        return torch.where(keep, s, torch.tensor(fill)).softmax(-1) @ v
+    return fn
+
+
+def causal_and_padding(fill):
+    def fn(q, k, v, keep):   # HF-style: a causal fill and a padding fill with one value
+        lq, lk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(lq, lk, dtype=torch.bool).tril()
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~causal, fill)
+        return s.masked_fill(~keep[:, :, :1, :], fill).softmax(-1) @ v
+    return fn
+
+
+def additive_neg_inf(q, k, v, keep):
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    return (q @ k.transpose(-1, -2) * 0.25 + bias).softmax(-1) @ v
+
+
+def gqa_fill(fill):
+    def fn(q, k, v, keep):
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        return s.masked_fill(~keep, fill).softmax(-1) @ v
+    return fn
+
+
+MIN = torch.finfo(torch.float32).min
+DEAD_ROWS = [
+    ("fill_-inf", fill_masked(float("-inf")), "nan"),
+    ("fill_finfo_min", fill_masked(MIN), "mean_v"),
+    ("fill_-1e9", fill_masked(-1e9), "mean_v"),
+    ("where_-inf", where_masked(float("-inf")), "nan"),
+    ("where_finfo_min", where_masked(MIN), "mean_v"),
+    ("causal_padding_-inf", causal_and_padding(float("-inf")), "nan"),
+    ("causal_padding_min", causal_and_padding(MIN), "mean_v"),
+    ("additive_-inf", additive_neg_inf, "nan"),
+    ("gqa_min", gqa_fill(MIN), "mean_v"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+@pytest.mark.parametrize("name,fn,expect", DEAD_ROWS, ids=[d[0] for d in DEAD_ROWS])
+def test_fully_masked_rows_give_eagers_value(name, fn, expect, kernel):
+    """A query row whose every key is masked: eager softmax gives NaN (every masked score
+    -inf) or the mean of v (one finite fill: equal scores); the rewritten graph gives the
+    same, on the reference path and on the Triton kernel (interpreter), not SDPA's 0."""
+    q, k, v = qkv(lq=7, lk=9, hkv=H // 2 if name.startswith("gqa") else None)
+    keep = _dead_rows_keep(7, 9)
+    out, sites, _skipped, _ = compile_and_run(fn, q, k, v, keep, options={"kernel": kernel})
+    assert len(sites) == 1
+    ref = fn(q, k, v, keep)
+    assert (ref.isnan().any() if expect == "nan" else not ref.isnan().any())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_fully_masked_rows_with_mixed_masks_are_reported():
+    """A finite fill together with an additive mask: eager's value in a dead row is not known
+    at compile time; the op's 0 stays and the site's notes say so."""
+    q, k, v = qkv()
+
+    def fn(q, k, v, bias):
+        s = q @ k.transpose(-1, -2) * 0.25 + bias
+        return s.masked_fill(bias < -1, MIN).softmax(-1) @ v
+    bias = torch.randn(B, 1, 1, L)
+    out, sites, _skipped, _ = compile_and_run(fn, q, k, v, bias)
+    assert len(sites) == 1 and any("fully masked row gives 0" in n for n in sites[0].notes)
+    assert rel_err(out, fn(q, k, v, bias)) < 1e-5   # no dead row here: the same answer

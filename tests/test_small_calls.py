@@ -112,3 +112,27 @@ def test_report_shows_the_sdpa_decision(planned_for_gpu):
     assert_expected_inline("\n".join(lines), """\
   decision  kernel=sdpa precision=fp32 rank=dense (0.0042 GFLOP a call < small_call_gflops=2: torch's SDPA, our op's host cost would exceed what its kernel saves)
   guards    device=cuda sm90 dtype=float32 seq_bucket=64 policy=exact capability>=sm80 k_len<1024: exact""")
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min, None],
+                         ids=["fill_-inf", "fill_min", "additive_-inf"])
+def test_small_sites_keep_eagers_fully_masked_rows(fill, planned_for_gpu):
+    """A small site swapped for torch's SDPA still gives eager's value in a row whose every key
+    is masked (NaN, or the mean of v): the rows are read from the mask, as SDPA has no lse."""
+    q, k, v = _inputs(plain)
+    keep = torch.ones(2, 1, L, L, dtype=torch.bool)
+    keep[0, :, 5] = False
+    keep[1, :, :, :7] = False
+
+    def fn(q, k, v, keep):
+        s = q @ k.mT / 8
+        if fill is None:
+            return torch.softmax(s + torch.zeros(keep.shape).masked_fill(~keep, -torch.inf),
+                                 -1) @ v
+        return torch.softmax(s.masked_fill(~keep, fill), -1) @ v
+    out, sites, _, records = compile_and_run(fn, q, k, v, keep)
+    assert [s.decision.kernel for s in sites] == ["sdpa"]
+    assert "adaattn.attention" not in records[0].code_after
+    ref = fn(q, k, v, keep)
+    assert ref[0, :, 5].isnan().all() == (fill != torch.finfo(torch.float32).min)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -102,7 +102,17 @@ def _cpu_flash(q, k, v, attn_mask, is_causal, scale, enable_gqa):
             attn_mask = attn_mask.unsqueeze(0)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, bool(is_causal), attn_mask=attn_mask, scale=scale)
-    return out, lse.float()
+    lse = lse.float()
+    if attn_mask is not None:
+        # ATen leaves a fully masked row's lse at 0; the op's contract (and the rewrite's
+        # eager-value fix for such rows) needs -inf there, as the other paths give.
+        masked = torch.isneginf(attn_mask)
+        if is_causal:
+            future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+            masked = masked | future
+        dead = masked.all(-1).expand(lse.shape)
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out, lse
 
 
 def reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gqa, seed):

@@ -58,6 +58,7 @@ class Bias:
 class Keep:
     node: fx.Node
     invert: bool             # True: the node marks *masked* positions (masked_fill semantics)
+    fill: float = float("-inf")   # what the masked scores were set to
 
 
 @dataclasses.dataclass
@@ -83,6 +84,9 @@ class AttentionMatch:
     scale: Optional[float] = None        # None: 1/sqrt(D) (SDPA's default)
     enable_gqa: bool = False
     gqa_groups: int = 1
+    # What eager gives a row whose every key is masked, where the op's 0 differs (see
+    # _masked_rows): "nan", "mean_v" (a uniform softmax: the mean of v) or None.
+    masked_rows: Optional[str] = None
     compute_dtype: Optional[torch.dtype] = None
     chain: List[fx.Node] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -344,8 +348,7 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
             continue
         if is_call(x, (torch.masked_fill,), ("masked_fill", "masked_fill_")):
             scores, mask, fill = x.args[0], arg(x, 1, "mask"), arg(x, 2, "value")
-            _check_fill(fill, gm, m)
-            m.keeps.append(Keep(mask, invert=True))
+            m.keeps.append(Keep(mask, invert=True, fill=_check_fill(fill, gm, m)))
             m.pattern_parts.append("masked_fill")
             x = scores
             continue
@@ -354,9 +357,9 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
             fill_b = _fill_value(b, gm) if not _on_path(b) else None
             fill_a = _fill_value(a, gm) if not _on_path(a) else None
             if fill_b is not None:
-                _check_fill(b, gm, m); m.keeps.append(Keep(cond, invert=False)); x = a
+                m.keeps.append(Keep(cond, invert=False, fill=_check_fill(b, gm, m))); x = a
             elif fill_a is not None:
-                _check_fill(a, gm, m); m.keeps.append(Keep(cond, invert=True)); x = b
+                m.keeps.append(Keep(cond, invert=True, fill=_check_fill(a, gm, m))); x = b
             else:
                 raise NoMatch("torch.where without a constant fill value")
             m.pattern_parts.append("where")
@@ -378,6 +381,7 @@ def _check_fill(fill, gm, m):
     for factor in m._scale_after:
         if isinstance(factor.value, fx.Node) or factor.value <= 0:
             raise NoMatch("mask applied before a scale of unknown sign")
+    return value
 
 
 def _split_add(x, operands, m, gm, scores_meta):
@@ -619,6 +623,23 @@ def _narrowed(node, gm, keep_semantics, m: AttentionMatch):
     return narrowed
 
 
+def _masked_rows(m: AttentionMatch):
+    """A row whose every key is masked: the op gives 0 (SDPA's convention), eager softmax NaN
+    where every masked score is -inf (an -inf fill, or an additive mask that is -inf all along
+    the row), and a uniform softmax, the mean of v, where every masked score holds one finite
+    fill (``masked_fill(mask, finfo.min)``: equal scores). The rewrite gives eager's answer.
+    Finite fills together with additive masks or with other fills leave the row's scores
+    unknown here: the op's 0 stays, and the report says so."""
+    fills = {keep.fill for keep in m.keeps}
+    if fills <= {float("-inf")}:
+        m.masked_rows = "nan"
+    elif len(fills) == 1 and not m.biases:
+        m.masked_rows = "mean_v"
+    else:
+        m.notes.append("a fully masked row gives 0 (finite mask fills mixed with other masks: "
+                       "eager's value there is not known)")
+
+
 def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
     """Drop constant masks that are causal (-> is_causal) or mask nothing; read the others
     through their broadcast inputs (:func:`narrow_mask`)."""
@@ -699,7 +720,11 @@ def _finish(m: AttentionMatch, gm):
         raise NoMatch(f"attention in {tout.dtype}")
     lq, lk = (_len(m.q, m.q_perm), _len(m.k, m.k_perm if not m.k_is_transposed else None,
                                         transposed=m.k_is_transposed))
+    if m.kind == "handwritten":
+        _masked_rows(m)   # (before masks proven causal are dropped: their fills count too)
     _simplify_masks(m, gm, lq, lk)
+    if not (m.keeps or m.biases):
+        m.masked_rows = None   # causal alone (top-left) leaves every row a key
     m.pattern = " → ".join(m.pattern_parts)
 
 

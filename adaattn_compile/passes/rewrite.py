@@ -34,7 +34,7 @@ def _fake_mode(values):
     return None
 
 
-def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=None) -> fx.Node:
+def insert_node(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=None) -> fx.Node:
     node = graph.create_node(kind, target, tuple(args), kwargs or {})
     if stack_trace:
         node.meta["stack_trace"] = stack_trace
@@ -57,14 +57,14 @@ def _insert(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=N
 
 def _apply_factor(graph, node, factor, trace):
     target = operator.mul if factor.op == "mul" else operator.truediv
-    return _insert(graph, "call_function", target, (node, factor.value), stack_trace=trace)
+    return insert_node(graph, "call_function", target, (node, factor.value), stack_trace=trace)
 
 
 def _cast(graph, node, dtype, trace):
     t = meta(node)
     if t is None or t.dtype == dtype:
         return node
-    return _insert(graph, "call_method", "to", (node, dtype), stack_trace=trace)
+    return insert_node(graph, "call_method", "to", (node, dtype), stack_trace=trace)
 
 
 def remap_inputs(m: AttentionMatch, replaced: dict) -> None:
@@ -90,27 +90,46 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
     with graph.inserting_before(m.out_node):
         q, k, v = m.q, m.k, m.v
         if m.q_perm:
-            q = _insert(graph, "call_method", "permute", (q, *m.q_perm), stack_trace=trace)
+            q = insert_node(graph, "call_method", "permute", (q, *m.q_perm), stack_trace=trace)
         for factor in m.factors:
             if isinstance(factor.value, fx.Node):   # tensor/symbolic scales: fold into q
                 q = _apply_factor(graph, q, factor, trace)
         if m.k_is_transposed:
-            k = _insert(graph, "call_method", "transpose", (k, -2, -1), stack_trace=trace)
+            k = insert_node(graph, "call_method", "transpose", (k, -2, -1), stack_trace=trace)
         if m.k_perm:
-            k = _insert(graph, "call_method", "permute", (k, *m.k_perm), stack_trace=trace)
+            k = insert_node(graph, "call_method", "permute", (k, *m.k_perm), stack_trace=trace)
         if m.v_perm:
-            v = _insert(graph, "call_method", "permute", (v, *m.v_perm), stack_trace=trace)
+            v = insert_node(graph, "call_method", "permute", (v, *m.v_perm), stack_trace=trace)
         q, k, v = (_cast(graph, t, m.compute_dtype, trace) for t in (q, k, v))
         mask = _build_mask(graph, m, trace)
-        call = _insert(graph, "call_function", torch.ops.adaattn.attention.default,
+        call = insert_node(graph, "call_function", torch.ops.adaattn.attention.default,
                        (q, k, v, mask, float(m.dropout_p), bool(m.causal), m.scale,
                         bool(m.enable_gqa), site_id, policy, kernel), stack_trace=trace)
-        out = _insert(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
+        out = insert_node(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
+        if m.masked_rows is not None:
+            out = _eager_masked_rows(graph, m, call, out, v, trace)
         if m.out_perm:
-            out = _insert(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
+            out = insert_node(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
     m.out_node.replace_all_uses_with(out)
     replaced[m.out_node] = out
     return call
+
+
+def _eager_masked_rows(graph, m: AttentionMatch, call, out, v, trace) -> fx.Node:
+    """Rows with every key masked (lse = -inf) take eager's value (see match._masked_rows)
+    instead of the op's 0: NaN, or the mean of v over the keys."""
+    lse = insert_node(graph, "call_function", operator.getitem, (call, 1), stack_trace=trace)
+    dead = insert_node(graph, "call_function", torch.isneginf, (lse,), stack_trace=trace)
+    dead = insert_node(graph, "call_method", "unsqueeze", (dead, -1), stack_trace=trace)
+    if m.masked_rows == "nan":
+        value = float("nan")
+    else:
+        value = insert_node(graph, "call_method", "mean", (v, -2), {"keepdim": True},
+                        stack_trace=trace)
+        if m.enable_gqa and m.gqa_groups > 1:
+            value = insert_node(graph, "call_method", "repeat_interleave", (value, m.gqa_groups),
+                            {"dim": -3}, stack_trace=trace)
+    return insert_node(graph, "call_function", torch.where, (dead, value, out), stack_trace=trace)
 
 
 def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
@@ -121,20 +140,20 @@ def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
         node = item.node
         t = meta(node)
         if t is not None and t.dtype != torch.bool:
-            node = _insert(graph, "call_method", "bool", (node,), stack_trace=trace)
+            node = insert_node(graph, "call_method", "bool", (node,), stack_trace=trace)
         if item.invert:
-            node = _insert(graph, "call_function", torch.logical_not, (node,), stack_trace=trace)
-        keep = node if keep is None else _insert(graph, "call_function", torch.logical_and,
+            node = insert_node(graph, "call_function", torch.logical_not, (node,), stack_trace=trace)
+        keep = node if keep is None else insert_node(graph, "call_function", torch.logical_and,
                                                  (keep, node), stack_trace=trace)
     bias = None
     for item in m.biases:
         node = item.node
         for factor in item.factors:
             node = _apply_factor(graph, node, factor, trace)
-        bias = node if bias is None else _insert(graph, "call_function", operator.add,
+        bias = node if bias is None else insert_node(graph, "call_function", operator.add,
                                                  (bias, node), stack_trace=trace)
     if keep is not None and bias is not None:
-        return _insert(graph, "call_function", torch.where, (keep, bias, float("-inf")),
+        return insert_node(graph, "call_function", torch.where, (keep, bias, float("-inf")),
                        stack_trace=trace)
     return keep if keep is not None else bias
 
