@@ -27,6 +27,12 @@ class OptionError(ValueError):
     """A bad option passed to the adaattn backend or API."""
 
 
+class AttentionInputError(ValueError, RuntimeError):
+    """Tensors ``adaattn_compile.attention`` cannot take. A RuntimeError as well, as the error
+    ``F.scaled_dot_product_attention`` raises for the same inputs is, so code that catches
+    SDPA's errors catches ours."""
+
+
 def canonical_policy(policy: Any, name: str = "policy") -> str:
     if isinstance(policy, str):
         policy = POLICY_ALIASES.get(policy, policy)

@@ -623,14 +623,14 @@ def _narrowed(node, gm, keep_semantics, m: AttentionMatch):
     return narrowed
 
 
-def _masked_rows(m: AttentionMatch):
+def _masked_rows(m: AttentionMatch, fills):
     """A row whose every key is masked: the op gives 0 (SDPA's convention), eager softmax NaN
     where every masked score is -inf (an -inf fill, or an additive mask that is -inf all along
     the row), and a uniform softmax, the mean of v, where every masked score holds one finite
     fill (``masked_fill(mask, finfo.min)``: equal scores). The rewrite gives eager's answer.
     Finite fills together with additive masks or with other fills leave the row's scores
-    unknown here: the op's 0 stays, and the report says so."""
-    fills = {keep.fill for keep in m.keeps}
+    unknown here: the op's 0 stays, and the report says so. ``fills``: every fill value,
+    those of masks since proven causal included (a causal additive mask: its masked value)."""
     if fills <= {float("-inf")}:
         m.masked_rows = "nan"
     elif len(fills) == 1 and not m.biases:
@@ -640,7 +640,7 @@ def _masked_rows(m: AttentionMatch):
                        "eager's value there is not known)")
 
 
-def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
+def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int, fills: set):
     """Drop constant masks that are causal (-> is_causal) or mask nothing; read the others
     through their broadcast inputs (:func:`narrow_mask`)."""
     if not (isinstance(lq, int) and isinstance(lk, int)):
@@ -665,6 +665,10 @@ def _simplify_masks(m: AttentionMatch, gm, lq: int, lk: int):
         if kind == "causal" and not m.causal:
             m.causal = True
             m.notes.append("constant additive mask proven causal")
+            future = torch.ones(lq, lk, dtype=torch.bool).triu(1)
+            masked = value.expand(*value.shape[:-2], lq, lk)[..., future]
+            if masked.numel():   # (its masked value; 1 x 1 and the like mask nothing)
+                fills.add(float(masked.min()))
         elif kind == "none":
             m.notes.append("constant zero bias dropped")
         else:
@@ -720,11 +724,10 @@ def _finish(m: AttentionMatch, gm):
         raise NoMatch(f"attention in {tout.dtype}")
     lq, lk = (_len(m.q, m.q_perm), _len(m.k, m.k_perm if not m.k_is_transposed else None,
                                         transposed=m.k_is_transposed))
-    if m.kind == "handwritten":
-        _masked_rows(m)   # (before masks proven causal are dropped: their fills count too)
-    _simplify_masks(m, gm, lq, lk)
-    if not (m.keeps or m.biases):
-        m.masked_rows = None   # causal alone (top-left) leaves every row a key
+    fills = {keep.fill for keep in m.keeps}   # (masks proven causal below count too)
+    _simplify_masks(m, gm, lq, lk, fills)
+    if m.kind == "handwritten" and (m.keeps or m.biases):   # (causal alone: every row has a key)
+        _masked_rows(m, fills)
     m.pattern = " → ".join(m.pattern_parts)
 
 
