@@ -33,7 +33,7 @@ def _repeat_kv(x, n):
 # --- composed attention graphs -------------------------------------------------------------------
 
 styles = st.fixed_dictionaries({
-    "product": st.sampled_from(["matmul", "einsum", "bmm", "baddbmm"]),
+    "product": st.sampled_from(["matmul", "einsum", "bmm", "baddbmm", "bmm_viewed"]),
     "scale": st.sampled_from(["mul", "div", "q", "none"]),
     "mask": st.sampled_from(["none", "add", "masked_fill", "where", "causal", "padding"]),
     "fill": st.sampled_from([float("-inf"), torch.finfo(torch.float32).min, -1e9]),
@@ -48,8 +48,8 @@ styles = st.fixed_dictionaries({
 
 def _attention_fn(style):
     """fn(q, k, v, mask) written in the style's way. bmm / baddbmm styles fold the heads into
-    the batch and stay 3-D up to the output (scores viewed between (B·H, ..) and (B, H, ..)
-    are not matched yet: see test_scores_viewed_across_the_batch_fold)."""
+    the batch and stay 3-D up to the output; bmm_viewed views the scores as (B, H, Lq, Lk) for
+    the scale and mask and back before the softmax (BART / OPT eager)."""
     product, scale_how, mask_how, fill = (style[k] for k in ("product", "scale", "mask", "fill"))
     groups, scale = style["groups"], style["d"] ** -0.5
 
@@ -61,10 +61,14 @@ def _attention_fn(style):
         b, h, lq, d = q.shape
         lk = k.shape[2]
         folded = product in ("bmm", "baddbmm")
+        viewed = product == "bmm_viewed"
         if product == "matmul":
             s = q @ k.transpose(-1, -2)
         elif product == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        elif viewed:
+            q, k, v = (t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v))
+            s = torch.bmm(q, k.transpose(1, 2)).view(b, h, lq, lk)
         else:
             q, k, v = (t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v))
             if product == "bmm":
@@ -85,10 +89,12 @@ def _attention_fn(style):
             s = torch.where(mask, s, torch.tensor(fill))
         elif mask_how == "causal":
             s = s.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), fill)
+        if viewed:
+            s = s.view(b * h, lq, lk)
         p = F.softmax(s.float(), dim=-1).to(q.dtype) if style["upcast"] else s.softmax(-1)
         if style["dropout"]:
             p = F.dropout(p, 0.1, training=False)
-        if folded:
+        if folded or viewed:
             return torch.bmm(p, v).view(b, h, lq, v.shape[-1])
         return p @ v
     return fn
@@ -123,21 +129,34 @@ def test_composed_attention_is_rewritten_and_equals_eager(style):
     torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: scores viewed between (B*H, Lq, Lk) and "
-                   "(B, H, Lq, Lk) inside the score chain (BART / OPT / Whisper eager) are not "
-                   "matched; the site stays eager's")
-def test_scores_viewed_across_the_batch_fold():
+@pytest.mark.parametrize("form", ["view", "reshape", "minus_one", "mask_3d", "dead_rows"])
+def test_scores_viewed_across_the_batch_fold(form):
+    """BART / OPT / Whisper eager: bmm scores viewed as (B, H, Lq, Lk) for the mask, then back
+    to (B·H, Lq, Lk) for the softmax and the P·V bmm: one site, equal to eager."""
     b, h, l, d = 2, 3, 5, 8
-    q, k, v = (torch.randn(b * h, l, d) for _ in range(3))
-    mask = torch.zeros(b, 1, l, l).masked_fill(torch.rand(b, 1, l, l) < 0.3, -1e9)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b * h, l, d, generator=g) for _ in range(3))
+    mask = torch.zeros(b, 1, l, l).masked_fill(torch.rand(b, 1, l, l, generator=g) < 0.3, -1e9)
+    if form == "mask_3d":   # a (B·H, Lq, Lk) mask added to the 3-D scores as well
+        mask = (mask, torch.randn(b * h, l, l, generator=g))
+    if form == "dead_rows":
+        mask[0, :, 1] = float("-inf")
 
     def fn(q, k, v, mask):
         s = torch.bmm(q * d ** -0.5, k.transpose(1, 2))
-        s = (s.view(b, h, l, l) + mask).view(b * h, l, l)
+        if form == "mask_3d":
+            mask, extra = mask
+            s = s + extra
+        if form == "reshape":
+            s = (s.reshape(b, h, l, l) + mask).reshape(b * h, l, l)
+        elif form == "minus_one":
+            s = (s.view(-1, h, l, l) + mask).view(-1, l, l)
+        else:
+            s = (s.view(b, h, l, l) + mask).view(b * h, l, l)
         return torch.bmm(s.softmax(-1), v)
     out, sites, _skipped, _ = compile_and_run(fn, q, k, v, mask)
-    torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-5, atol=1e-6)   # never wrong
-    assert len(sites) == 1
+    assert len(sites) == 1 and "view" in sites[0].pattern
+    torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 # --- near-misses ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -52,6 +52,7 @@ class Factor:
 class Bias:
     node: fx.Node
     factors: List[Factor]    # scales applied after the bias was added: the bias takes them too
+    folded: bool = True      # met where the scores are (B·H, Lq, Lk) (see AttentionMatch.fold)
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class Keep:
     node: fx.Node
     invert: bool             # True: the node marks *masked* positions (masked_fill semantics)
     fill: float = float("-inf")   # what the masked scores were set to
+    folded: bool = True      # met where the scores are (B·H, Lq, Lk) (see AttentionMatch.fold)
 
 
 @dataclasses.dataclass
@@ -87,6 +89,9 @@ class AttentionMatch:
     # What eager gives a row whose every key is masked, where the op's 0 differs (see
     # _masked_rows): "nan", "mean_v" (a uniform softmax: the mean of v) or None.
     masked_rows: Optional[str] = None
+    # Scores viewed (B·H, Lq, Lk) -> (B, H, Lq, Lk) for a mask and back (BART / OPT eager):
+    # q, k, v go to the op as (B, H, L, D), unflattened by these sizes (one of them -1).
+    fold: Optional[Tuple[Any, Any]] = None
     compute_dtype: Optional[torch.dtype] = None
     chain: List[fx.Node] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
@@ -94,6 +99,7 @@ class AttentionMatch:
     # way back from the softmax (a bias added before them must be scaled by them too).
     pattern_parts: List[str] = dataclasses.field(default_factory=list, repr=False)
     _scale_after: List[Factor] = dataclasses.field(default_factory=list, repr=False)
+    _unfolded: bool = dataclasses.field(default=False, repr=False)   # walking the 4-D stretch
 
     @property
     def location(self) -> str:
@@ -259,7 +265,7 @@ def _match_qk(node, m: AttentionMatch, scores_meta):
             m.factors.append(Factor("mul", alpha))
         if beta != 0 and isinstance(bias, fx.Node):
             factors = [] if beta == 1 else [Factor("mul", float(beta))]
-            m.biases.append(Bias(bias, factors + list(m._scale_after)))
+            m.biases.append(Bias(bias, factors + list(m._scale_after), not m._unfolded))
         m.pattern_parts.append("baddbmm")
         return
     if _is_einsum(node):
@@ -310,6 +316,8 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
         if not isinstance(x, fx.Node):
             raise NoMatch("softmax input is not a tensor computed in the graph")
         if _is_matmul(x) or _is_einsum(x) or is_call(x, (torch.baddbmm,), ("baddbmm",)):
+            if m._unfolded:
+                raise NoMatch("scores merged from (B, H, ..) that were never split")
             _match_qk(x, m, scores_meta)
             m.chain.append(x)
             t = meta(x)
@@ -348,7 +356,7 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
             continue
         if is_call(x, (torch.masked_fill,), ("masked_fill", "masked_fill_")):
             scores, mask, fill = x.args[0], arg(x, 1, "mask"), arg(x, 2, "value")
-            m.keeps.append(Keep(mask, invert=True, fill=_check_fill(fill, gm, m)))
+            m.keeps.append(Keep(mask, True, _check_fill(fill, gm, m), not m._unfolded))
             m.pattern_parts.append("masked_fill")
             x = scores
             continue
@@ -357,15 +365,44 @@ def _walk_scores(node, m: AttentionMatch, gm, scores_meta):
             fill_b = _fill_value(b, gm) if not _on_path(b) else None
             fill_a = _fill_value(a, gm) if not _on_path(a) else None
             if fill_b is not None:
-                m.keeps.append(Keep(cond, invert=False, fill=_check_fill(b, gm, m))); x = a
+                m.keeps.append(Keep(cond, False, _check_fill(b, gm, m), not m._unfolded))
+                x = a
             elif fill_a is not None:
-                m.keeps.append(Keep(cond, invert=True, fill=_check_fill(a, gm, m))); x = b
+                m.keeps.append(Keep(cond, True, _check_fill(a, gm, m), not m._unfolded))
+                x = b
             else:
                 raise NoMatch("torch.where without a constant fill value")
             m.pattern_parts.append("where")
             continue
+        if is_call(x, (torch.reshape,), ("view", "reshape")):
+            x = _batch_fold(x, m)
+            continue
         raise NoMatch(f"softmax input is not a Q·Kᵀ product (reached {describe(x)})")
     raise NoMatch("score chain too long")
+
+
+def _batch_fold(x, m: AttentionMatch):
+    """A view / reshape of the scores that only merges (B, H) into B·H or splits it back. Walking
+    back from the softmax the merge comes first: the scores are 4-D from there to the split,
+    which gives the sizes q, k and v are unflattened by."""
+    src = x.args[0]
+    t_out, t_in = meta(x), meta(src)
+    if t_out is None or t_in is None or not same_shape(t_out.shape[-2:], t_in.shape[-2:]):
+        raise NoMatch("scores reshaped across the query / key dims")
+    if t_out.dim() == 3 and t_in.dim() == 4 and m.fold is None and not m._unfolded:
+        m._unfolded = True
+    elif t_out.dim() == 4 and t_in.dim() == 3 and m._unfolded:
+        sizes = x.args[1] if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) \
+            else x.args[1:]
+        if len(sizes) != 4:
+            raise NoMatch("scores split by a shape not given as four sizes")
+        b, h = sizes[0], sizes[1]
+        m.fold = (-1, h) if isinstance(b, int) and b == -1 else (b, -1)
+        m._unfolded = False
+    else:
+        raise NoMatch("scores reshaped other than by splitting B·H into (B, H) and back")
+    m.pattern_parts.append("view")
+    return src
 
 
 def _on_path(x) -> bool:
@@ -399,7 +436,7 @@ def _split_add(x, operands, m, gm, scores_meta):
             tb = meta(bias)
             if tb is None:
                 raise NoMatch("bias is not a tensor")
-            m.biases.append(Bias(bias, list(m._scale_after)))
+            m.biases.append(Bias(bias, list(m._scale_after), not m._unfolded))
             m.pattern_parts.append("add-bias")
             return path
     raise NoMatch("neither operand of an add reaches a Q·Kᵀ product")
@@ -415,6 +452,8 @@ def _reaches_product(x, depth=0) -> bool:
         return any(_reaches_product(a, depth + 1) for a in x.args if isinstance(a, fx.Node))
     if _binary(x, "add"):
         return any(_reaches_product(a, depth + 1) for a in x.args[:2])
+    if is_call(x, (torch.reshape,), ("view", "reshape")):
+        return _reaches_product(x.args[0], depth + 1)
     return False
 
 

@@ -100,6 +100,9 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
             k = insert_node(graph, "call_method", "permute", (k, *m.k_perm), stack_trace=trace)
         if m.v_perm:
             v = insert_node(graph, "call_method", "permute", (v, *m.v_perm), stack_trace=trace)
+        if m.fold is not None:   # (B·H, L, D) -> (B, H, L, D), as the mask's scores were
+            q, k, v = (insert_node(graph, "call_method", "unflatten", (t, 0, m.fold),
+                                   stack_trace=trace) for t in (q, k, v))
         q, k, v = (_cast(graph, t, m.compute_dtype, trace) for t in (q, k, v))
         mask = _build_mask(graph, m, trace)
         call = insert_node(graph, "call_function", torch.ops.adaattn.attention.default,
@@ -108,6 +111,8 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
         out = insert_node(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
         if m.masked_rows is not None:
             out = _eager_masked_rows(graph, m, call, out, v, trace)
+        if m.fold is not None:
+            out = insert_node(graph, "call_method", "flatten", (out, 0, 1), stack_trace=trace)
         if m.out_perm:
             out = insert_node(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
     m.out_node.replace_all_uses_with(out)
@@ -132,12 +137,22 @@ def _eager_masked_rows(graph, m: AttentionMatch, call, out, v, trace) -> fx.Node
     return insert_node(graph, "call_function", torch.where, (dead, value, out), stack_trace=trace)
 
 
+def _unfold_mask(graph, m: AttentionMatch, item, trace) -> fx.Node:
+    """A mask met where the scores were (B·H, Lq, Lk), in the op's (B, H, Lq, Lk) terms: one
+    with a B·H leading dim is unflattened (others broadcast as they are)."""
+    t = meta(item.node)
+    if m.fold is None or not item.folded or t is None or t.dim() != 3 or t.shape[0] == 1:
+        return item.node
+    return insert_node(graph, "call_method", "unflatten", (item.node, 0, m.fold),
+                       stack_trace=trace)
+
+
 def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
     if m.kind == "sdpa":
         return m.sdpa_mask
     keep = None
     for item in m.keeps:
-        node = item.node
+        node = _unfold_mask(graph, m, item, trace)
         t = meta(node)
         if t is not None and t.dtype != torch.bool:
             node = insert_node(graph, "call_method", "bool", (node,), stack_trace=trace)
@@ -147,7 +162,7 @@ def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
                                                  (keep, node), stack_trace=trace)
     bias = None
     for item in m.biases:
-        node = item.node
+        node = _unfold_mask(graph, m, item, trace)
         for factor in item.factors:
             node = _apply_factor(graph, node, factor, trace)
         bias = node if bias is None else insert_node(graph, "call_function", operator.add,
