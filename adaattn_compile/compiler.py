@@ -189,15 +189,11 @@ def _to_torch_sdpa(gm: fx.GraphModule, call: fx.Node, replaced: dict) -> None:
 
 def _dead_rows_as_lse(graph: fx.Graph, mask) -> fx.Node:
     """-inf where a query row has every key masked, else 0 (an lse stand-in, broadcastable to
-    the output's rows). No mask: no such row (SDPA's path never takes a mask with causal)."""
+    the output's rows). The sites that read it are masked by fills alone (see
+    match._masked_rows), so their mask is a bool keep mask; SDPA's path takes no causal one."""
     if mask is None:
         return insert_node(graph, "call_function", torch.zeros, ((),))
-    if meta(mask).dtype == torch.bool:
-        live = insert_node(graph, "call_method", "any", (mask, -1))
-    else:
-        live = insert_node(graph, "call_function", torch.logical_not,
-                       (insert_node(graph, "call_method", "all",
-                                (insert_node(graph, "call_function", torch.isneginf, (mask,)), -1)),))
+    live = insert_node(graph, "call_method", "any", (mask, -1))
     return insert_node(graph, "call_function", torch.where, (live, 0.0, float("-inf")))
 
 

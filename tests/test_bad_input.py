@@ -119,6 +119,10 @@ def test_compiled_model_behaves_as_eager(name, args, model):
     if name in UNDEFINED_IN_EAGER and model is sdpa_model:
         pytest.skip("eager's answer undefined")
     eager = sdpa_math if model is sdpa_model else model
+    if name == "dead_row_mask" and model is handwritten_model:
+        # README's known difference: a row an additive mask sets to -inf entirely gives the
+        # op's 0 where eager softmax gives NaN
+        eager = lambda *a: handwritten_model(*a).nan_to_num(0.0)   # noqa: E731
     torch._dynamo.reset()
     stock = torch.compile(model, backend="eager")
     torch._dynamo.reset()

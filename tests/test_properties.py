@@ -110,6 +110,7 @@ def _inputs(style):
     if how == "add":
         mask = torch.randn(lq, lk, generator=g)
         mask = mask.masked_fill(torch.rand(lq, lk, generator=g) < 0.3, float("-inf"))
+        mask[:, 0] = 0.0   # (a row all -inf: the op's documented 0, test_handwritten)
     elif how == "padding":   # (a key mask shared by the batch where the heads are folded)
         shape = (1, lk) if style["product"] in ("bmm", "baddbmm") else (b, 1, 1, lk)
         mask = torch.rand(*shape, generator=g) > 0.3
@@ -139,8 +140,9 @@ def test_scores_viewed_across_the_batch_fold(form):
     mask = torch.zeros(b, 1, l, l).masked_fill(torch.rand(b, 1, l, l, generator=g) < 0.3, -1e9)
     if form == "mask_3d":   # a (B·H, Lq, Lk) mask added to the 3-D scores as well
         mask = (mask, torch.randn(b * h, l, l, generator=g))
-    if form == "dead_rows":
-        mask[0, :, 1] = float("-inf")
+    if form == "dead_rows":   # a bool mask, filled with -inf in the 4-D stretch
+        mask = torch.ones(b, 1, l, l, dtype=torch.bool)
+        mask[0, :, 1] = False
 
     def fn(q, k, v, mask):
         s = torch.bmm(q * d ** -0.5, k.transpose(1, 2))
@@ -151,6 +153,8 @@ def test_scores_viewed_across_the_batch_fold(form):
             s = (s.reshape(b, h, l, l) + mask).reshape(b * h, l, l)
         elif form == "minus_one":
             s = (s.view(-1, h, l, l) + mask).view(-1, l, l)
+        elif form == "dead_rows":
+            s = s.view(b, h, l, l).masked_fill(~mask, float("-inf")).view(b * h, l, l)
         else:
             s = (s.view(b, h, l, l) + mask).view(b * h, l, l)
         return torch.bmm(s.softmax(-1), v)

@@ -664,18 +664,24 @@ def _narrowed(node, gm, keep_semantics, m: AttentionMatch):
 
 def _masked_rows(m: AttentionMatch, fills):
     """A row whose every key is masked: the op gives 0 (SDPA's convention), eager softmax NaN
-    where every masked score is -inf (an -inf fill, or an additive mask that is -inf all along
-    the row), and a uniform softmax, the mean of v, where every masked score holds one finite
-    fill (``masked_fill(mask, finfo.min)``: equal scores). The rewrite gives eager's answer.
-    Finite fills together with additive masks or with other fills leave the row's scores
-    unknown here: the op's 0 stays, and the report says so. ``fills``: every fill value,
-    those of masks since proven causal included (a causal additive mask: its masked value)."""
+    where every masked score is -inf (-inf fills), and a uniform softmax, the mean of v, where
+    every masked score holds one finite fill (``masked_fill(mask, finfo.min)``: equal scores).
+    The rewrite gives eager's answer for sites masked by fills alone. With an additive mask the
+    op's 0 stays (README: the kernels take entries below about -2.3e38, HF's finfo.min, as
+    -inf, so a dead row's lse cannot tell eager's NaN from its mean of v); with finite fills
+    as well the report says so. ``fills``: every fill value, those of masks since proven causal
+    included (a causal additive mask: its masked value)."""
+    if m.biases:
+        if any(math.isfinite(f) for f in fills):
+            m.notes.append("a fully masked row gives 0 (finite mask fills mixed with an "
+                           "additive mask: eager's value there is not known)")
+        return
     if fills <= {float("-inf")}:
         m.masked_rows = "nan"
-    elif len(fills) == 1 and not m.biases:
+    elif len(fills) == 1:
         m.masked_rows = "mean_v"
     else:
-        m.notes.append("a fully masked row gives 0 (finite mask fills mixed with other masks: "
+        m.notes.append("a fully masked row gives 0 (masks filled with different values: "
                        "eager's value there is not known)")
 
 
