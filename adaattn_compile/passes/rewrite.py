@@ -34,7 +34,8 @@ def _fake_mode(values):
     return None
 
 
-def insert_node(graph: fx.Graph, kind: str, target, args, kwargs=None, stack_trace=None) -> fx.Node:
+def insert_node(graph: fx.Graph, kind: str, target, args, kwargs=None,
+                stack_trace=None) -> fx.Node:
     node = graph.create_node(kind, target, tuple(args), kwargs or {})
     if stack_trace:
         node.meta["stack_trace"] = stack_trace
@@ -106,15 +107,16 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
         q, k, v = (_cast(graph, t, m.compute_dtype, trace) for t in (q, k, v))
         mask = _build_mask(graph, m, trace)
         call = insert_node(graph, "call_function", torch.ops.adaattn.attention.default,
-                       (q, k, v, mask, float(m.dropout_p), bool(m.causal), m.scale,
-                        bool(m.enable_gqa), site_id, policy, kernel), stack_trace=trace)
+                           (q, k, v, mask, float(m.dropout_p), bool(m.causal), m.scale,
+                            bool(m.enable_gqa), site_id, policy, kernel), stack_trace=trace)
         out = insert_node(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
         if m.masked_rows is not None:
             out = _eager_masked_rows(graph, m, call, out, v, trace)
         if m.fold is not None:
             out = insert_node(graph, "call_method", "flatten", (out, 0, 1), stack_trace=trace)
         if m.out_perm:
-            out = insert_node(graph, "call_method", "permute", (out, *m.out_perm), stack_trace=trace)
+            out = insert_node(graph, "call_method", "permute", (out, *m.out_perm),
+                              stack_trace=trace)
     m.out_node.replace_all_uses_with(out)
     replaced[m.out_node] = out
     return call
@@ -130,10 +132,10 @@ def _eager_masked_rows(graph, m: AttentionMatch, call, out, v, trace) -> fx.Node
         value = float("nan")
     else:
         value = insert_node(graph, "call_method", "mean", (v, -2), {"keepdim": True},
-                        stack_trace=trace)
+                            stack_trace=trace)
         if m.enable_gqa and m.gqa_groups > 1:
-            value = insert_node(graph, "call_method", "repeat_interleave", (value, m.gqa_groups),
-                            {"dim": -3}, stack_trace=trace)
+            value = insert_node(graph, "call_method", "repeat_interleave",
+                                (value, m.gqa_groups), {"dim": -3}, stack_trace=trace)
     return insert_node(graph, "call_function", torch.where, (dead, value, out), stack_trace=trace)
 
 
@@ -157,19 +159,20 @@ def _build_mask(graph, m: AttentionMatch, trace) -> Optional[fx.Node]:
         if t is not None and t.dtype != torch.bool:
             node = insert_node(graph, "call_method", "bool", (node,), stack_trace=trace)
         if item.invert:
-            node = insert_node(graph, "call_function", torch.logical_not, (node,), stack_trace=trace)
+            node = insert_node(graph, "call_function", torch.logical_not, (node,),
+                               stack_trace=trace)
         keep = node if keep is None else insert_node(graph, "call_function", torch.logical_and,
-                                                 (keep, node), stack_trace=trace)
+                                                     (keep, node), stack_trace=trace)
     bias = None
     for item in m.biases:
         node = _unfold_mask(graph, m, item, trace)
         for factor in item.factors:
             node = _apply_factor(graph, node, factor, trace)
         bias = node if bias is None else insert_node(graph, "call_function", operator.add,
-                                                 (bias, node), stack_trace=trace)
+                                                     (bias, node), stack_trace=trace)
     if keep is not None and bias is not None:
         return insert_node(graph, "call_function", torch.where, (keep, bias, float("-inf")),
-                       stack_trace=trace)
+                           stack_trace=trace)
     return keep if keep is not None else bias
 
 
