@@ -191,8 +191,6 @@ def _dead_rows_as_lse(graph: fx.Graph, mask) -> fx.Node:
     """-inf where a query row has every key masked, else 0 (an lse stand-in, broadcastable to
     the output's rows). The sites that read it are masked by fills alone (see
     match._masked_rows), so their mask is a bool keep mask; SDPA's path takes no causal one."""
-    if mask is None:
-        return insert_node(graph, "call_function", torch.zeros, ((),))
     live = insert_node(graph, "call_method", "any", (mask, -1))
     return insert_node(graph, "call_function", torch.where, (live, 0.0, float("-inf")))
 
