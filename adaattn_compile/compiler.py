@@ -45,9 +45,10 @@ def reset_ids() -> None:
 
 
 def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
-                  original: Optional[list] = None) -> GraphRecord:
+                  original: Optional[list] = None, training: bool = False) -> GraphRecord:
     """Match and rewrite every attention site of ``gm`` in place; never raises. ``original``
-    (a list) receives a copy of the graph as it came."""
+    (a list) receives a copy of the graph as it came. ``training``: gradients will be taken
+    through the graph (its sites plan exact attention: the low-rank path is inference-only)."""
     record = GraphRecord(name=name, code_before=gm.code)
     start = time.perf_counter()
     backup = _copy_graph(gm.graph)
@@ -60,8 +61,8 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
         for m in matches:
             site_id = new_site_id()
             call = rewrite_site(gm, m, site_id, options.policy, options.kernel, replaced)
-            op.register_site(site_id, options)
-            site = _describe_site(m, call, site_id, name, options)
+            op.register_site(site_id, options, training)
+            site = _describe_site(m, call, site_id, name, options, training)
             if site.decision.kernel == "sdpa":
                 _to_torch_sdpa(gm, call, replaced)
             record.sites.append(site)
@@ -77,8 +78,8 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
                 continue
             site_id = new_site_id()
             mha.rewrite_mha(mha_match, site_id, options.policy, options.kernel)
-            op.register_site(site_id, options)
-            record.sites.append(_describe_mha(mha_match, site_id, name, options))
+            op.register_site(site_id, options, training)
+            record.sites.append(_describe_mha(mha_match, site_id, name, options, training))
         erase_dead(gm, dead)
         if record.sites:
             share_mask_computations(gm)
@@ -124,20 +125,23 @@ def _static_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
-                   options: Options) -> Site:
+                   options: Options, training: bool = False) -> Site:
     fakes = [meta(a) for a in call.args[:4]]
     if any(t is None for t in fakes[:3]):
         errors = [a.meta.get("adaattn_fake_error") for a in call.args[:3] if isinstance(a, fx.Node)]
         raise RuntimeError(f"lost shape metadata while rewriting ({errors})")
     dynamic = not all(isinstance(s, int) for t in fakes[:3] for s in t.shape)
     q, k, v, mask = (_static_like(t) for t in fakes)
-    unsupported = None
+    unsupported = lowrank_why = None
     if options.kernel != "reference":
         try:
             unsupported = op._flash_unsupported(q, k, v, mask, m.dropout_p, m.enable_gqa)
+            lowrank_why = op.lowrank_unsupported(q, k, v, mask, m.causal, m.dropout_p,
+                                                 m.enable_gqa)
         except Exception as exc:
             unsupported = f"kernel check failed: {exc}"
-    problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported)
+    problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported,
+                            lowrank_why, training)
     info = op.device_info(q.device) if q.device.type != "meta" else op.planner.DeviceInfo("meta")
     chosen = op.planner.plan(info, problem, options)
     decision = Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
@@ -195,7 +199,7 @@ def _dead_rows_as_lse(graph: fx.Graph, mask) -> fx.Node:
     return insert_node(graph, "call_function", torch.where, (live, 0.0, float("-inf")))
 
 
-def _describe_mha(m, site_id: str, graph: str, options: Options) -> Site:
+def _describe_mha(m, site_id: str, graph: str, options: Options, training: bool = False) -> Site:
     q = meta(m.node.args[0])
     dtype = str(q.dtype).replace("torch.", "")
     shapes = [tuple(hint(s) for s in shape) for shape in (m.q_shape, m.k_shape, m.v_shape)]
@@ -204,7 +208,7 @@ def _describe_mha(m, site_id: str, graph: str, options: Options) -> Site:
                                  head_dim=shapes[0][3], v_head_dim=shapes[2][3], mask=m.mask,
                                  causal=m.causal, dropout_p=m.dropout_p,
                                  kernel_unsupported="dropout runs on the reference path"
-                                 if m.dropout_p > 0 else None)
+                                 if m.dropout_p > 0 else None, training=training)
     chosen = op.planner.plan(info, problem, options)
     return Site(id=site_id, graph=graph, pattern=m.pattern, location=m.location,
                 q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], dtype=dtype,
@@ -249,7 +253,11 @@ def dataclass_dict(options: Options) -> dict:
 def compile_graph(gm, example_inputs, options: Options, recorder=None):
     name = f"graph{next(_graph_ids)}"
     original: list = []
-    record = rewrite_graph(gm, options, name, original)
+    # AOT differentiates the graph when grad mode is on and an input (parameters included)
+    # requires grad: then its attention sites plan exact attention
+    training = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+    record = rewrite_graph(gm, options, name, original, training)
     log.info("adaattn: %s: %d site(s) rewritten, %d skipped (%.1f ms)", name, len(record.sites),
              len(record.skipped), record.pass_seconds * 1e3)
     with _recorders_lock:

@@ -39,6 +39,8 @@ stats = importlib.import_module(f"{__package__}.stats")
 log = logging.getLogger("adaattn")
 
 _site_options: Dict[str, Options] = {}
+_training_sites: set = set()   # sites of graphs compiled for training (gradients taken)
+_grad_call = threading.local()   # .on: this thread is in a forward autograd will differentiate
 _plan_cache: Dict[tuple, planner.Plan] = {}
 _plan_generation = 0   # bumped when a site's options change: plans made before are dropped
 _cache_lock = threading.Lock()
@@ -48,14 +50,19 @@ _CPU = torch.device("cpu")
 _NO_SEED = torch.zeros(1, dtype=torch.int64, device=_CPU)   # template of the seed without dropout
 
 
-def register_site(site: str, options: Options) -> None:
-    """Remember the options a rewritten site was compiled with (the op reads them by id)."""
+def register_site(site: str, options: Options, training: bool = False) -> None:
+    """Remember the options a rewritten site was compiled with (the op reads them by id), and
+    whether its graph was compiled for training (AOT then runs the op's forward with tensors
+    that do not require grad, so only the compiler can tell)."""
     global _plan_generation
     with _cache_lock:
         old = _site_options.get(site)
         _site_options[site] = options
-        if old != options:   # plans made with other options (a site id reused after
-            # reset_ids, or called before it was registered here) are dropped
+        was_training = site in _training_sites
+        (_training_sites.add if training else _training_sites.discard)(site)
+        if old != options or was_training != training:
+            # plans made with other options (a site id reused after reset_ids, or called
+            # before it was registered here) are dropped
             _plan_generation += 1
             for key in [key for key in _plan_cache if key[0] == site]:
                 del _plan_cache[key]
@@ -135,22 +142,39 @@ def _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa) -> Optional[st
     return flash.supports(_to4d(qb), _to4d(kb), _to4d(vb), _mask4d(attn_mask), dropout_p)
 
 
-def problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, unsupported=None) -> planner.Problem:
+def lowrank_unsupported(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) -> Optional[str]:
+    """Why the low-rank kernel can't run this call (None if it can)."""
+    try:
+        from .kernels import lowrank
+    except Exception as exc:  # triton missing or broken
+        return f"Triton kernel unavailable ({type(exc).__name__})"
+    if q.dim() not in (3, 4):
+        return f"{q.dim()}-D inputs"
+    qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
+    return lowrank.supports(_to4d(qb), _to4d(kb), _to4d(vb), attn_mask, dropout_p, is_causal)
+
+
+def problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, unsupported=None,
+               lowrank_why=None, training=False) -> planner.Problem:
     groups = q.shape[-3] // k.shape[-3] if enable_gqa and q.dim() >= 3 else 1
     return planner.Problem(
         dtype=str(q.dtype).replace("torch.", ""), q_len=int(q.shape[-2]), k_len=int(k.shape[-2]),
         head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), mask=mask_kind(attn_mask),
         causal=bool(is_causal), dropout_p=float(dropout_p), gqa_groups=int(groups),
-        kernel_unsupported=unsupported)
+        kernel_unsupported=unsupported, lowrank_unsupported=lowrank_why, training=training)
 
 
-def _make_plan(opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) -> planner.Plan:
-    unsupported = None
+def _make_plan(opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
+               training) -> planner.Plan:
+    unsupported = lowrank_why = None
     if opts.kernel != "reference":
         unsupported = _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa)
+        if unsupported is None and opts.rank != "dense":
+            lowrank_why = lowrank_unsupported(q, k, v, attn_mask, is_causal, dropout_p,
+                                              enable_gqa)
     return planner.plan(device_info(q.device),
                         problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
-                                   unsupported), opts)
+                                   unsupported, lowrank_why, training), opts)
 
 
 def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa):
@@ -166,7 +190,8 @@ def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable
         mask_bool, mask_dim = None, -1
     else:
         mask_bool, mask_dim = attn_mask.dtype == torch.bool, attn_mask.dim()
-    key = (site, policy, kernel, q.device,
+    training = site in _training_sites or getattr(_grad_call, "on", False)
+    key = (site, policy, kernel, training, q.device,
            q.is_cuda and torch.get_float32_matmul_precision() != "highest",
            q.dtype, nd, qs[-3] if nd >= 3 else 1, ks[-3] if len(ks) >= 3 else 1, qs[-1],
            v.shape[-1], lq and (lq - 1).bit_length(), lk and (lk - 1).bit_length(),
@@ -176,7 +201,7 @@ def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable
         return cached
     generation = _plan_generation
     result = _make_plan(site_options(site, policy, kernel), q, k, v, attn_mask, is_causal,
-                        dropout_p, enable_gqa)
+                        dropout_p, enable_gqa, training)
     with _cache_lock:
         if generation == _plan_generation:
             _plan_cache[key] = result
@@ -265,6 +290,78 @@ def _drop_proven_mask(site, attn_mask, q, k, count=True):
     return keys, kind != "none"
 
 
+# The seed output of a forward that ran the low-rank path (no dropout there, so the seed is
+# otherwise 0): a backward given it recomputes the exact forward first.
+_LOW_RANK_SEED = -1
+# After a check that refused every head, a (site, bucket) runs dense for this many calls
+# before checking again: a peaked model pays for the check once in so many calls.
+RECHECK_AFTER_REFUSAL = 16
+_low_rank_backoff: Dict[tuple, int] = {}
+# checks on their way to the host: (site, bucket, forced, rank.Pending), oldest first
+_pending_checks: list = []
+# what the last check of a (site, bucket, heads, device, dtype) decided (rank.RouteState)
+_route_states: Dict[tuple, object] = {}
+
+
+def settle_checks(wait: bool = False) -> None:
+    """Fold the low-rank checks that have reached the host into the statistics (all of them,
+    waiting for the device, with ``wait``), and start the back-off of a (site, bucket) whose
+    check took no head."""
+    while _pending_checks:
+        with _cache_lock:
+            if not _pending_checks or not (wait or _pending_checks[0][3].ready()):
+                return
+            site, bucket, forced, pending = _pending_checks.pop(0)
+        checks = pending.result()
+        stats.record_rank_check(site, checks, forced)
+        if checks.error is not None and not checks.taken_count and not forced:
+            _low_rank_backoff[(site, bucket)] = RECHECK_AFTER_REFUSAL
+            for key in [key for key in _route_states if key[:2] == (site, bucket)]:
+                del _route_states[key]   # the next try starts with a check
+
+
+stats.add_settler(settle_checks)
+
+
+def _try_low_rank(site, chosen, q, k, is_causal) -> bool:
+    if planner.forward_flops(q.shape, k.shape[-2], is_causal) < chosen.low_rank_min_flops:
+        return False
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        settle_checks()   # (not under capture: it queries events)
+    key = (site, chosen.seq_bucket)
+    wait = _low_rank_backoff.get(key)
+    if wait:
+        _low_rank_backoff[key] = wait - 1
+        return False
+    return True
+
+
+def _lowrank_forward(q, k, v, is_causal, scale, enable_gqa, site, chosen):
+    """-> (out, lse): the low-rank kernel's output on the heads that keep it, the dense fix-up
+    kernel's on the others (see :mod:`.rank`); None under CUDA-graph capture with no check
+    done yet for this (site, bucket, shape)."""
+    from . import rank
+
+    qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
+    out_shape = qb.shape[:-1] + (v.shape[-1],)
+    forced = chosen.rank == "low"
+    key = (site, chosen.seq_bucket, math.prod(out_shape[:-2]), q.device, q.dtype)
+    state = _route_states.get(key)
+    # Under graph capture no check runs (its results travel home with an event): the
+    # captured call, and every replay, routes on the device by the last check's decisions
+    # and budgets. No check yet: dense.
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and state is None:
+        return None
+    out, lse, pending, _route_states[key] = rank.route(
+        _to4d(qb), _to4d(kb), _to4d(vb), is_causal, scale, chosen.tolerance, forced, state,
+        capturing)
+    if pending is not None:
+        with _cache_lock:
+            _pending_checks.append((site, chosen.seq_bucket, forced, pending))
+    return out.reshape(out_shape), lse.reshape(out_shape[:-1])
+
+
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
                    kernel):
     """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed)."""
@@ -282,8 +379,19 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     if q.numel() == 0 or k.shape[-2] == 0:   # nothing for a kernel to do (bucket 1 holds L=0)
         kernel_used = "reference"
     elif kernel_used == "triton":
+        if chosen.rank != "dense" and _try_low_rank(site, chosen, q, k, is_causal):
+            try:
+                result = _lowrank_forward(q, k, v, is_causal, scale, enable_gqa, site, chosen)
+                if result is not None:
+                    seed.fill_(_LOW_RANK_SEED)
+            except Exception as exc:  # the dense kernel still runs the call
+                reason = f"low-rank path failed ({type(exc).__name__}: {str(exc)[:200]})"
+                warn_once((site, "lowrank", type(exc).__name__),
+                          f"adaattn: site {site}: {reason}; using the dense kernel")
+                stats.record_fallback(site, reason)
         try:
-            result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+            if result is None:
+                result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         except Exception as exc:  # never lose the model to a kernel failure
             reason = f"Triton forward failed ({type(exc).__name__}: {str(exc)[:200]})"
             warn_once((site, "fwd", type(exc).__name__),
@@ -294,8 +402,9 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
         result = reference.reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p,
                                              enable_gqa, seed_value)
     out, lse = result
-    # (batch, head) pairs: the unit the rank choice is made for
-    stats.record_call(site, kernel_used, chosen.precision, chosen.rank, math.prod(q.shape[:-2]))
+    # (batch, head) pairs: the unit the rank choice is made for; those the low-rank path keeps
+    # move from "dense" to "low-rank" when the call's check reaches the host
+    stats.record_call(site, kernel_used, chosen.precision, "dense", math.prod(q.shape[:-2]))
     return out.contiguous(), lse.contiguous(), seed
 
 
@@ -320,6 +429,11 @@ def attention_backward_impl(grad_out, q, k, v, attn_mask, out, lse, seed, dropou
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
     stats.record_backward(site)
     grads = None
+    if (chosen.kernel == "triton" and q.numel() and k.shape[-2]
+            and int(seed[0]) == _LOW_RANK_SEED):
+        # a forward that ran the low-rank path (planned for inference; reached a backward
+        # anyway): the gradients of exact attention need the exact output and lse
+        out, lse = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     if chosen.kernel == "triton" and q.numel() and k.shape[-2]:
         try:
             grads = _flash_backward(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale,
@@ -444,11 +558,15 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_mask, rest):
         keyset = rest[-1] & _after_autograd
         args = (q, k, v, attn_mask, *rest[:-1])
-        if keyset.raw_repr() in _PLAIN_KEYSETS:   # see _attention_autograd
-            out, lse, seed = attention_impl(*args)
-        else:
-            with _below_autograd():
-                out, lse, seed = _attention.redispatch(keyset, *args)
+        _grad_call.on = True   # gradients follow: the plan keeps to exact attention
+        try:
+            if keyset.raw_repr() in _PLAIN_KEYSETS:   # see _attention_autograd
+                out, lse, seed = attention_impl(*args)
+            else:
+                with _below_autograd():
+                    out, lse, seed = _attention.redispatch(keyset, *args)
+        finally:
+            _grad_call.on = False
         ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed)
         ctx.args = rest[:-1]   # dropout_p, is_causal, scale, enable_gqa, site, policy, kernel
         ctx.mask_is_float = attn_mask is not None and attn_mask.is_floating_point()

@@ -12,9 +12,15 @@ KERNELS = ("auto", "triton", "reference")
 
 # Per-site relative L2 error budget each policy allows its approximations.
 DEFAULT_TOLERANCE = {"exact": 0.0, "balanced": 1e-2, "fast": 3e-2}
-# Below this many keys every site takes the exact path (issue 5 sets it from the measured
-# low-rank crossover; until then it only guards future approximate paths).
-DEFAULT_MIN_SEQ_LEN = 1024
+# The low-rank path's crossovers with the dense kernel (H100, bf16, D = 128, benchmarks/
+# RESULTS.md "issue 5"): it runs below neither many queries or keys nor this much forward work
+# (4 B H Lq Lk D, halved when causal). Its cost has a fixed part (five kernel launches and a
+# check's worth of host time, ~0.3 ms a call): at 64 heads it lost at L = 2048 (0.74x cuDNN)
+# and won at 4096 (1.70x); at 16 heads it lost at 6144 (309 GFLOP, 0.78x) and won at 8192
+# (550 GFLOP, 3.07x); causal at 16 heads it won from 12288 (618 GFLOP, 1.82x).
+DEFAULT_MIN_SEQ_LEN = 4096
+DEFAULT_LOW_RANK_MIN_GFLOPS = 400.0
+RANKS = ("auto", "dense", "low")
 # Forward GFLOP (4 B H Lq Lk D, halved when causal) under which a CUDA site with static shapes
 # stays torch's SDPA: our op's host cost per call (tens of microseconds) outweighs what its
 # kernels save on calls this small (all-MiniLM-L6-v2 at L = 512, 0.4 GFLOP a call: 0.81x
@@ -49,9 +55,10 @@ class Options:
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
     inner: str = "inductor"
     precision: str = "auto"
-    rank: Any = "auto"  # "auto", "dense", or a positive int to force a rank
+    rank: str = "auto"  # "auto", "dense", or "low" to force the low-rank path on every head
     kernel: str = "auto"
     small_call_gflops: float = DEFAULT_SMALL_CALL_GFLOPS
+    low_rank_min_gflops: float = DEFAULT_LOW_RANK_MIN_GFLOPS
 
     @staticmethod
     def parse(options: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
@@ -81,9 +88,9 @@ class Options:
             raise OptionError(f"adaattn: bad value {precision!r} for option 'precision'; "
                               f"allowed: {', '.join(PRECISIONS)}")
         rank = raw.get("rank", "auto") or "auto"
-        if not (rank in ("auto", "dense") or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0)):
-            raise OptionError(f"adaattn: bad value {rank!r} for option 'rank'; "
-                              "allowed: 'auto', 'dense' or a positive int")
+        if not isinstance(rank, str) or rank not in RANKS:
+            raise OptionError(f"adaattn: bad value {rank!r} for option 'rank'; allowed: "
+                              f"{', '.join(RANKS)} (the low-rank path's rank is head_dim + 1)")
         kernel = raw.get("kernel", "auto") or "auto"
         if kernel not in KERNELS:
             raise OptionError(f"adaattn: bad value {kernel!r} for option 'kernel'; "
@@ -92,10 +99,17 @@ class Options:
         if isinstance(small, bool) or not isinstance(small, (int, float)) or not small >= 0:
             raise OptionError(f"adaattn: bad value {small!r} for option 'small_call_gflops'; "
                               "allowed: a number >= 0 (0: every site through our op)")
+        low_gflops = raw.get("low_rank_min_gflops", DEFAULT_LOW_RANK_MIN_GFLOPS)
+        if isinstance(low_gflops, bool) or not isinstance(low_gflops, (int, float)) or \
+                not low_gflops >= 0:
+            raise OptionError(f"adaattn: bad value {low_gflops!r} for option "
+                              "'low_rank_min_gflops'; allowed: a number >= 0 (forward GFLOP a "
+                              "call needs before the low-rank path is tried)")
         return Options(policy, float(tolerance), min_seq_len, inner, precision, rank, kernel,
-                       float(small))
+                       float(small), float(low_gflops))
 
     def describe(self) -> str:
         return (f"policy={self.policy} tolerance={self.tolerance:g} min_seq_len={self.min_seq_len} "
                 f"inner={self.inner} precision={self.precision} rank={self.rank} kernel={self.kernel} "
-                f"small_call_gflops={self.small_call_gflops:g}")
+                f"small_call_gflops={self.small_call_gflops:g} "
+                f"low_rank_min_gflops={self.low_rank_min_gflops:g}")

@@ -40,16 +40,20 @@ class Problem:
     dropout_p: float
     gqa_groups: int = 1
     kernel_unsupported: Optional[str] = None  # why the Triton kernel can't take it, if it can't
+    lowrank_unsupported: Optional[str] = None  # why the low-rank kernel can't, if it can't
+    training: bool = False   # gradients will be taken (the low-rank path is inference-only)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     kernel: str                 # "triton" | "reference" ("sdpa": see small_call)
     precision: str              # "fp32" | "tf32" | "bf16" | "fp16" | "fp64"
-    rank: str                   # "dense" (low-rank: issue 5)
+    rank: str                   # "dense", "auto" (low rank where it verifies), "low" (forced)
     seq_bucket: int
     guards: Tuple[str, ...]
     reason: str                 # why this kernel
+    tolerance: float = 0.0      # relative L2 the run-time low-rank check allows
+    low_rank_min_flops: float = 0.0   # forward work a call needs before low rank is tried
 
     def describe(self) -> str:
         return f"kernel={self.kernel} precision={self.precision} rank={self.rank} ({self.reason})"
@@ -74,10 +78,38 @@ def plan(device: DeviceInfo, problem: Problem, options: Options) -> Plan:
     kernel, reason = _choose_kernel(device, problem, options)
     if kernel == "triton" and device.capability is not None:
         guards.append("capability>=sm80")
-    if problem.k_len < options.min_seq_len:
-        guards.append(f"k_len<{options.min_seq_len}: exact")
-    return Plan(kernel=kernel, precision=precision, rank="dense", seq_bucket=bucket,
-                guards=tuple(guards), reason=reason)
+    rank, why_dense = _choose_rank(problem, options, kernel)
+    if rank != "dense":
+        guards.append(f"min(q_len,k_len)>={options.min_seq_len} and "
+                      f"GFLOP>={options.low_rank_min_gflops:g}: low rank where sampled rows "
+                      f"verify within {options.tolerance:g}")
+    elif why_dense is not None:
+        guards.append(f"rank dense: {why_dense}")
+    return Plan(kernel=kernel, precision=precision, rank=rank, seq_bucket=bucket,
+                guards=tuple(guards), reason=reason, tolerance=options.tolerance,
+                low_rank_min_flops=options.low_rank_min_gflops * 1e9)
+
+
+def _choose_rank(problem: Problem, options: Options, kernel: str):
+    """(rank, why not low rank): "auto" lets the run-time check route each head, "low" forces
+    the low-rank path on every head (experiments), "dense" is exact. The low-rank path runs on
+    our Triton kernel only, for inference, at lengths of at least ``min_seq_len``; the op also
+    skips it for calls under ``low_rank_min_gflops`` of forward work (the batch is not part
+    of the plan). Below both the dense kernel is as fast: the crossovers measured on the
+    H100."""
+    if options.rank == "dense":
+        return "dense", None
+    if options.rank == "auto" and options.tolerance <= 0:
+        return "dense", f"policy {options.policy}, tolerance 0"
+    if kernel != "triton":
+        return "dense", "no Triton kernel"
+    if problem.lowrank_unsupported is not None:
+        return "dense", problem.lowrank_unsupported
+    if problem.training:
+        return "dense", "gradients taken (the low-rank path is inference-only)"
+    if min(problem.q_len, problem.k_len) < options.min_seq_len:
+        return "dense", f"min(q_len,k_len)<{options.min_seq_len}"
+    return options.rank, None
 
 
 def forward_flops(q_shape, k_len: int, causal: bool = False) -> float:

@@ -132,6 +132,8 @@ class Report:
                         f"kernel={_counts(rt['kernel'])} precision={_counts(rt['precision'])} "
                         f"rank={_counts(rt['rank'])} demotions={rt['demotions']} "
                         f"error={'exact' if err is None else f'{err:.2e}'}")
+                    if rt.get("heads"):
+                        lines.append(_format_heads(rt))
                     proven = rt.get("run_time_masks")
                     if proven:
                         lines.append(f"  masks     proven at run time, not read: "
@@ -170,6 +172,19 @@ class Report:
         return "\n".join(out)
 
     __repr__ = __str__
+
+
+def _format_heads(rt: dict) -> str:
+    """Per query head: in how many of its low-rank calls it kept the low-rank output, the last
+    check's error and the attention's normalised entropy."""
+    parts = []
+    for head, row in sorted(rt["heads"].items()):
+        err, entropy = row["error"], row["entropy"]
+        parts.append(f"h{head} {row['low_rank']}/{row['low_rank'] + row['exact']} "
+                     f"err={'nan' if err is None or err != err else f'{err:.1e}'} "
+                     f"H={'-' if entropy is None else f'{entropy:.3f}'}")
+    return (f"  heads     kept low rank (rank {rt['low_rank_rank']}) / low-rank calls: "
+            + ", ".join(parts))
 
 
 def _counts(counter: dict) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import collections
 import copy
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 _lock = threading.Lock()
 _stats: Dict[str, Dict[str, Any]] = {}
-# (site, kernel, precision, rank) -> [calls, head-calls]
+# (site, kernel, precision, rank) -> [calls, head-calls, of which low-rank]
 _calls: Dict[Tuple[str, str, str, str], List[int]] = {}
 
 
@@ -26,7 +26,12 @@ def _new_entry() -> Dict[str, Any]:
         "kernel": collections.Counter(),     # kernel name -> calls
         "precision": collections.Counter(),  # precision -> calls
         "rank": collections.Counter(),       # "dense" / "low-rank" -> head-calls
-        "demotions": 0,
+        "demotions": 0,                      # head-calls refused low rank by the check
+        # per query head index: low-rank / exact head-calls of the checked calls, the last
+        # check's error (largest over the batch) and mean normalised entropy
+        "heads": {},
+        "low_rank_rank": None,               # rank of the low-rank path's weights (D + 1)
+        "low_rank_heads": 0,                 # head-calls that kept the low-rank output
         "fallbacks": [],                     # reasons a kernel failed and the reference ran
         "measured_error": None,              # last measured relative L2 of an approximation
         # masks that arrived at run time and were proven causal / empty (see mask_proofs):
@@ -57,6 +62,36 @@ def record_call(site: str, kernel: str, precision: str, rank: str, heads: int) -
         counts[1] += heads
 
 
+def record_rank_check(site: str, checks, forced: bool) -> None:
+    """One low-rank call's routing (a :class:`adaattn_compile.rank.HeadChecks`): which heads
+    kept the low-rank output and, for a call that ran the check, what it measured."""
+    with _lock:
+        entry = _entry(site)
+        entry["low_rank_rank"] = checks.rank
+        entry["low_rank_heads"] += checks.taken_count
+        if not forced:
+            entry["demotions"] += len(checks.taken) - checks.taken_count
+        measured = checks.error is not None
+        seen = {}
+        for i, taken in enumerate(checks.taken):
+            head = i % checks.heads
+            row = entry["heads"].setdefault(head, {"low_rank": 0, "exact": 0, "error": None,
+                                                   "entropy": None})
+            row["low_rank" if taken else "exact"] += 1
+            if measured:
+                last = seen.setdefault(head, [[], []])
+                last[0].append(checks.error[i])
+                last[1].append(checks.entropy[i])
+        for head, (errors, entropies) in seen.items():
+            row = entry["heads"][head]
+            row["error"] = max(errors, key=lambda e: float("inf") if e != e else e)
+            row["entropy"] = sum(entropies) / len(entropies)
+        if measured:
+            used = [e for t, e in zip(checks.taken, checks.error) if t]
+            if used:
+                entry["measured_error"] = max(used)
+
+
 def record_backward(site: str) -> None:
     with _lock:
         _entry(site)["backward_calls"] += 1
@@ -79,8 +114,20 @@ def record_fallback(site: str, reason: str) -> None:
             entry["fallbacks"].append(reason)
 
 
+_settlers: List[Callable[..., None]] = []
+
+
+def add_settler(fn: Callable[..., None]) -> None:
+    """``fn(wait=True)`` runs before each snapshot: the op folds in the low-rank checks still
+    on their way from the device."""
+    if fn not in _settlers:
+        _settlers.append(fn)
+
+
 def stats() -> Dict[str, Dict[str, Any]]:
     """A snapshot: site id -> counters (plain dicts, safe to keep)."""
+    for settle in list(_settlers):
+        settle(wait=True)
     with _lock:
         snap = copy.deepcopy(_stats)
         calls = [(key, tuple(counts)) for key, counts in _calls.items()]
@@ -90,6 +137,13 @@ def stats() -> Dict[str, Dict[str, Any]]:
         entry["kernel"][kernel] += n
         entry["precision"][precision] += n
         entry["rank"][rank] += heads
+    for entry in snap.values():
+        low = entry.pop("low_rank_heads")
+        if low:   # recorded as dense when the call ran, kept low rank by its check
+            entry["rank"]["dense"] -= low
+            entry["rank"]["low-rank"] = low
+            if not entry["rank"]["dense"]:
+                del entry["rank"]["dense"]
     for entry in snap.values():
         for key in ("kernel", "precision", "rank", "run_time_masks"):
             entry[key] = dict(entry[key])

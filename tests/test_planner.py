@@ -30,6 +30,7 @@ def problem(dtype="float16", lq=2048, lk=2048, unsupported=None, **kw):
 ])
 def test_kernel_and_precision_by_device_and_dtype(device, dtype, kernel, precision):
     chosen = plan(device, problem(dtype), Options())
+    # (L = 2048 is under min_seq_len: the low-rank path is not offered; test_lowrank.py)
     assert (chosen.kernel, chosen.precision, chosen.rank) == (kernel, precision, "dense")
     assert f"dtype={dtype}" in chosen.guards and "seq_bucket=2048" in chosen.guards
 
@@ -46,7 +47,7 @@ def test_forced_kernels():
 
 def test_min_seq_len_guard_is_shown():
     chosen = plan(SM90, problem(lq=100, lk=100), Options.parse({"min_seq_len": 512}))
-    assert "k_len<512: exact" in chosen.guards and chosen.rank == "dense"
+    assert "rank dense: min(q_len,k_len)<512" in chosen.guards and chosen.rank == "dense"
 
 
 @pytest.mark.parametrize("length,bucket", [(1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024)])

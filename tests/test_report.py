@@ -51,14 +51,14 @@ def test_report_printed_form():
   attention causal=True mask=None scale=0.5 dropout_p=0 gqa_groups=1
   notes     constant mask proven causal
   decision  kernel=reference precision=fp32 rank=dense (no Triton kernel on cpu)
-  guards    device=cpu dtype=float32 seq_bucket=8 policy=exact k_len<1024: exact
+  guards    device=cpu dtype=float32 seq_bucket=8 policy=exact rank dense: policy exact, tolerance 0
   runtime   calls=1 backward=0 kernel=reference:1 precision=fp32:1 rank=dense:2 demotions=0 error=exact
 [s1] graph0  tests/report_models.py:18
   pattern   F.scaled_dot_product_attention
   shapes    q (1, 2, 8, 4)  k (1, 2, 8, 4)  v (1, 2, 8, 4)  float32
   attention causal=False mask=bool scale=1/sqrt(D) dropout_p=0 gqa_groups=1
   decision  kernel=reference precision=fp32 rank=dense (no Triton kernel on cpu)
-  guards    device=cpu dtype=float32 seq_bucket=8 policy=exact k_len<1024: exact
+  guards    device=cpu dtype=float32 seq_bucket=8 policy=exact rank dense: policy exact, tolerance 0
   runtime   calls=1 backward=0 kernel=reference:1 precision=fp32:1 rank=dense:2 demotions=0 error=exact""")
     assert_expected_inline(report.format_skipped(), """\
 graph0  tests/report_models.py:19  softmax: softmax over a non-key axis (dim -2 of a 4-D score tensor)""")

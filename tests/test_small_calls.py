@@ -111,7 +111,7 @@ def test_report_shows_the_sdpa_decision(planned_for_gpu):
              if line.startswith(("  decision", "  guards"))]
     assert_expected_inline("\n".join(lines), """\
   decision  kernel=sdpa precision=fp32 rank=dense (0.0042 GFLOP a call < small_call_gflops=2: torch's SDPA, our op's host cost would exceed what its kernel saves)
-  guards    device=cuda sm90 dtype=float32 seq_bucket=64 policy=exact capability>=sm80 k_len<1024: exact""")
+  guards    device=cuda sm90 dtype=float32 seq_bucket=64 policy=exact capability>=sm80 rank dense: policy exact, tolerance 0""")
 
 
 @pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min],

@@ -95,6 +95,7 @@ class _Signature:
 
 
 _SIGNATURES: Dict[int, _Signature] = {}
+_OPTIONS = ("num_warps", "num_stages")
 _PLANS: Dict[Any, _Plan] = {}
 
 
@@ -119,13 +120,20 @@ def launch(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[A
     sig = _SIGNATURES.get(id(fn))
     if sig is None:
         sig = _SIGNATURES[id(fn)] = _Signature(fn, _jit_of(fn))
+    # compile options (num_warps, num_stages) are no kernel parameters: the compiled kernel
+    # holds them, so they only key the plan
+    options = {n: kwargs[n] for n in _OPTIONS if n in kwargs}
+    if options:
+        kwargs = {n: v for n, v in kwargs.items() if n not in options}
     dev = device.index if device.index is not None else torch.cuda.current_device()
     key = _key(fn, sig, dev, args, kwargs)
     if key is None:   # an argument kind we do not know how Triton specialises
-        return fn[grid](*args, **kwargs)
+        return fn[grid](*args, **kwargs, **options)
+    if options:
+        key = key + (tuple(options.items()),)
     plan = _PLANS.get(key)
     if plan is None:
-        kernel = fn[grid](*args, **kwargs)
+        kernel = fn[grid](*args, **kwargs, **options)
         _remember(fn, sig, key, kernel, args, kwargs)
         return kernel
     values = _fill(plan, sig, args, kwargs)
@@ -135,7 +143,7 @@ def launch(fn, grid: Callable[[Dict[str, Any]], Sequence[int]], args: Sequence[A
         _ENABLED = False
         warnings.warn(f"adaattn: direct kernel launch failed ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); launching through triton from now on")
-        return fn[grid](*args, **kwargs)
+        return fn[grid](*args, **kwargs, **options)
     return plan.kernel
 
 
