@@ -8,7 +8,9 @@ Per call (planned ``rank="auto"`` or forced ``"low"``), all on the device:
    over the sequence, half the worst-rated rows -- rated by their mean squared score
    deviation from the mean key (``q^T G q`` with G the centred Gram of K: the second-order
    term the linearisation drops), so the rows most likely to be wrong are among those checked;
-3. those rows are recomputed exactly (fp32), with their normalised entropy; the relative L2
+3. those rows are recomputed exactly (fp32 sums), with their normalised entropy, and K's
+   spectrum is summed up (the effective rank of its centred Gram, ``trace^2 / |G|_F^2``,
+   shown per head); the relative L2
    error of the kernel's rows against them is the head's measured error, and the head keeps
    the low-rank rows only where it is inside the tolerance (and every sampled row is finite;
    an unusable row is rated worst, so it is sampled);
@@ -36,7 +38,8 @@ class HeadChecks:
     taken: List[bool]          # kept the low-rank output
     error: Optional[List[float]]    # relative L2 on the sampled rows (NaN: unusable rows);
     entropy: Optional[List[float]]  # mean normalised entropy of the sampled exact rows;
-    #                                 both None for a call that ran no check
+    k_rank: Optional[List[float]]   # effective rank of K's centred Gram;
+    #                                 all three None for a call that ran no check
     rank: int                  # rank of the low-rank path's weights outside the exact band
 
     @property
@@ -84,7 +87,8 @@ class RouteState:
 @dataclasses.dataclass
 class Pending:
     """A call's routing on its way to the host: ``result()`` gives the :class:`HeadChecks`."""
-    measured: Optional[torch.Tensor]   # (2, B * Hq): error, entropy; None: no check this call
+    measured: Optional[torch.Tensor]   # (3, B * Hq): error, entropy, K's rank; None: no
+    #                                    check this call
     kept: torch.Tensor                 # (B * Hq,) int32
     heads: int
     rank: int
@@ -98,9 +102,9 @@ class Pending:
             self.event.synchronize()
         taken = [bool(t) for t in self.kept.tolist()]
         if self.measured is None:
-            return HeadChecks(self.heads, taken, None, None, self.rank)
-        error, entropy = self.measured.tolist()
-        return HeadChecks(self.heads, taken, error, entropy, self.rank)
+            return HeadChecks(self.heads, taken, None, None, None, self.rank)
+        error, entropy, k_rank = self.measured.tolist()
+        return HeadChecks(self.heads, taken, error, entropy, k_rank, self.rank)
 
 
 def route(q, k, v, is_causal: bool, scale, tolerance: float, force: bool,
@@ -114,11 +118,12 @@ def route(q, k, v, is_causal: bool, scale, tolerance: float, force: bool,
     from .kernels import lowrank
 
     LQ = q.shape[2]
-    out, lse, (rating, worst_row) = lowrank.lowrank_forward(q, k, v, is_causal, scale)
+    out, lse, (rating, worst_row), (gram, mu) = lowrank.lowrank_forward(q, k, v, is_causal,
+                                                                        scale)
     if state is None or (state.calls + 1 >= CHECK_EVERY and not capturing):
         rows = sample_rows((rating, worst_row), LQ)
         measured, taken, budget = lowrank.check_rows(q, k, v, out, rows, is_causal, scale,
-                                                     rating, tolerance, force)
+                                                     rating, gram, mu, tolerance, force)
         state = RouteState(taken, budget)
         kept = lowrank.exact_heads(q, k, v, out, lse, taken, rating, budget, False, is_causal,
                                    scale)

@@ -176,13 +176,15 @@ class Report:
 
 def _format_heads(rt: dict) -> str:
     """Per query head: in how many of its low-rank calls it kept the low-rank output, the last
-    check's error and the attention's normalised entropy."""
+    check's error, the attention's normalised entropy (H) and the effective rank of its keys'
+    centred Gram (Krank: 1 = one direction of variance, D = all alike)."""
     parts = []
     for head, row in sorted(rt["heads"].items()):
-        err, entropy = row["error"], row["entropy"]
+        err, entropy, k_rank = row["error"], row["entropy"], row.get("k_rank")
         parts.append(f"h{head} {row['low_rank']}/{row['low_rank'] + row['exact']} "
                      f"err={'nan' if err is None or err != err else f'{err:.1e}'} "
-                     f"H={'-' if entropy is None else f'{entropy:.3f}'}")
+                     f"H={'-' if entropy is None else f'{entropy:.3f}'} "
+                     f"Krank={'-' if k_rank is None else f'{k_rank:.1f}'}")
     return (f"  heads     kept low rank (rank {rt['low_rank_rank']}) / low-rank calls: "
             + ", ".join(parts))
 

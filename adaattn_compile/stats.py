@@ -27,8 +27,9 @@ def _new_entry() -> Dict[str, Any]:
         "precision": collections.Counter(),  # precision -> calls
         "rank": collections.Counter(),       # "dense" / "low-rank" -> head-calls
         "demotions": 0,                      # head-calls refused low rank by the check
-        # per query head index: low-rank / exact head-calls of the checked calls, the last
-        # check's error (largest over the batch) and mean normalised entropy
+        # per query head index: low-rank / exact head-calls of its low-rank calls, the last
+        # check's error (largest over the batch), mean normalised entropy and the effective
+        # rank of K's centred Gram (means over the batch)
         "heads": {},
         "low_rank_rank": None,               # rank of the low-rank path's weights (D + 1)
         "low_rank_heads": 0,                 # head-calls that kept the low-rank output
@@ -76,16 +77,18 @@ def record_rank_check(site: str, checks, forced: bool) -> None:
         for i, taken in enumerate(checks.taken):
             head = i % checks.heads
             row = entry["heads"].setdefault(head, {"low_rank": 0, "exact": 0, "error": None,
-                                                   "entropy": None})
+                                                   "entropy": None, "k_rank": None})
             row["low_rank" if taken else "exact"] += 1
             if measured:
-                last = seen.setdefault(head, [[], []])
+                last = seen.setdefault(head, [[], [], []])
                 last[0].append(checks.error[i])
                 last[1].append(checks.entropy[i])
-        for head, (errors, entropies) in seen.items():
+                last[2].append(checks.k_rank[i])
+        for head, (errors, entropies, ranks) in seen.items():
             row = entry["heads"][head]
             row["error"] = max(errors, key=lambda e: float("inf") if e != e else e)
             row["entropy"] = sum(entropies) / len(entropies)
+            row["k_rank"] = sum(ranks) / len(ranks)
         if measured:
             used = [e for t, e in zip(checks.taken, checks.error) if t]
             if used:

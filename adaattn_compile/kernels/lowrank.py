@@ -26,10 +26,10 @@ rows (:mod:`adaattn_compile.rank` drives them):
 
 * :func:`key_sums` (per chunk of keys: ``K^T V``, ``sum K``, ``sum V``; one pass over K and V)
   and :func:`rest_states` (mean key, centred states, the centred Gram of K from <= 1024 keys);
-* :func:`lowrank_forward` -- ``(out, lse, (rating, worst row))`` with each query block's worst
-  row by ``scale^2 q^T G q`` (what the linearisation drops);
-* :func:`check_rows` -- exact sampled rows, each head's error and entropy, the decision and
-  the budget for the calls until the next check; :func:`exact_rows` the rows alone (tests);
+* :func:`lowrank_forward` -- ``(out, lse, (rating, worst row), (gram, mu))`` with each query
+  block's worst row by ``scale^2 q^T G q`` (what the linearisation drops);
+* :func:`check_rows` -- exact sampled rows, each head's error and entropy, its keys'
+  effective rank, the decision and the budget for the calls until the next check; :func:`exact_rows` the rows alone (tests);
 * :func:`exact_heads` -- exact attention over the heads that do not keep the low-rank rows.
 
 Layout as the dense kernels: ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``,
@@ -417,10 +417,12 @@ def rest_states(k, kv, ksum, vsum, keys_per_chunk: int, causal: bool, dot_dtype)
 
 
 def lowrank_forward(q, k, v, is_causal: bool, scale):
-    """``(out, lse, worst)`` of the linearised attention over every head: ``out`` and ``lse``
-    are NaN on rows whose linearised weights are unusable; ``worst = (rating, row)``, each
-    ``(B * Hq, query blocks)``: per block of ``BLOCK`` query rows, the row with the largest
-    mean squared score deviation from the mean key (+inf: an unusable row) and that value."""
+    """``(out, lse, worst, keys)`` of the linearised attention over every head: ``out`` and
+    ``lse`` are NaN on rows whose linearised weights are unusable; ``worst = (rating, row)``,
+    each ``(B * Hq, query blocks)``: per block of ``BLOCK`` query rows, the row with the
+    largest mean squared score deviation from the mean key (+inf: an unusable row) and that
+    value; ``keys = (gram, mu)``: K's centred Gram over the key count ``(B * Hkv, D, D)`` and
+    its mean ``(B * Hkv, D)``."""
     B, H, LQ, D = q.shape
     HKV, LK, DV = k.shape[1], k.shape[2], v.shape[-1]
     sm_scale = float(scale) if scale is not None else D ** -0.5
@@ -443,7 +445,7 @@ def lowrank_forward(q, k, v, is_causal: bool, scale):
             dict(CAUSAL=bool(is_causal), BLOCK=BLOCK, D_POW=_pow2(D), BLOCK_DV=block_dv,
                  BLOCK_G=min(_pow2(D), 128), SPLIT=rc_lo is not None, PREC=_PREC,
                  num_warps=4 if _INTERPRET else 8), q.device)
-    return out, lse, (worst, worst_row)
+    return out, lse, (worst, worst_row), (gram, mu)
 
 
 @triton.jit
@@ -573,10 +575,15 @@ def _check_kernel(Acc, M, L, T, IDX, Out, Part,
 
 
 @triton.jit
-def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, n_qblocks, tolerance,
-                   FORCE: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr):
-    """One head: its relative L2 error and mean entropy over the sampled rows ->
-    Result[0 | 1, head], and the decision: TAKEN[head] = 1 where the error is inside the
+def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, GRAM, MU, n_qblocks, tolerance, H, HKV,
+                   D,
+                   FORCE: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+                   D_POW: tl.constexpr):
+    """One head: its relative L2 error and mean entropy over the sampled rows, and its keys'
+    spectrum summed up as the centred Gram's effective rank ``(sum l)^2 / sum l^2`` over its
+    eigenvalues l (= trace^2 / |G|_F^2, no eigen-solve: 1 when keys vary along one
+    direction, D when along all equally; 0 when they do not vary) -> Result[0 | 1 | 2,
+    head]; and the decision: TAKEN[head] = 1 where the error is inside the
     tolerance (FORCE: wherever it is a number; NaN means unusable rows were sampled). The
     linearisation's error grows with the rows' rating (the second-order term it drops), so
     BUDGET[head] = the head's worst rating scaled by the headroom ``tolerance / error`` (at
@@ -590,6 +597,19 @@ def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, n_qblocks, tolerance,
     err = tl.sqrt(diff2) / tl.maximum(tl.sqrt(exact2), 1e-30)
     tl.store(Result + bh, err)
     tl.store(Result + heads + bh, entropy)
+    kv_bh = (bh // H).to(tl.int64) * HKV + (bh % H) // (H // HKV)
+    offs_d = tl.arange(0, D_POW)
+    d_ok = offs_d < D
+    g = tl.load(GRAM + kv_bh * D * D + offs_d[:, None] * D + offs_d[None, :],
+                mask=d_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    trace = tl.sum(tl.sum(tl.where(offs_d[:, None] == offs_d[None, :], g, 0.0), 1), 0)
+    frob2 = tl.sum(tl.sum(g * g, 1), 0)
+    # keys that do not vary (a trace at the rounding level of the mean's square, the Gram
+    # being the second moment less it): 0
+    mu = tl.load(MU + kv_bh * D + offs_d, mask=d_ok, other=0.0)
+    varies = (trace > 1e-5 * tl.sum(mu * mu, 0)) & (frob2 > 0)
+    tl.store(Result + 2 * heads + bh,
+             tl.where(varies, trace * trace / tl.maximum(frob2, 1e-30), 0.0))
     if FORCE:
         taken = err == err
     else:
@@ -638,14 +658,15 @@ def _exact_partials(q, k, v, rows, is_causal, scale):
     return acc, m, l, t
 
 
-def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, tolerance: float = 0.0,
-               force: bool = False):
+def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, gram, mu,
+               tolerance: float = 0.0, force: bool = False):
     """Per head of ``out`` (the low-rank output, ``(B, Hq, Lq, Dv)``): the relative L2 error of
-    its rows at ``rows (B * Hq, S)`` against exact attention, and the exact rows' mean
-    normalised entropy, ``(2, B * Hq)`` fp32; whether the head keeps the low-rank rows,
-    ``(B * Hq,)`` int32; and the row rating up to which later calls may keep them unchecked,
-    ``(B * Hq,)`` fp32 (``rating``: the per-block worst-row ratings of the low-rank kernel).
-    On the device."""
+    its rows at ``rows (B * Hq, S)`` against exact attention, the exact rows' mean normalised
+    entropy and the effective rank of K's centred Gram (``gram`` and the mean key ``mu``,
+    from the low-rank kernel), ``(3, B * Hq)`` fp32; whether the head keeps the low-rank rows, ``(B * Hq,)``
+    int32; and the row rating up to which later calls may keep them unchecked, ``(B * Hq,)``
+    fp32 (``rating``: the per-block worst-row ratings of the low-rank kernel). On the
+    device."""
     B, H = q.shape[:2]
     S = rows.shape[1]
     acc, m, l, t = _exact_partials(q, k, v, rows, is_causal, scale)
@@ -656,12 +677,15 @@ def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, tolerance: fl
              acc.shape[1]),
             dict(CAUSAL=bool(is_causal), S=S, ROWS=_CHECK_ROWS, DV_POW=_pow2(v.shape[-1]),
                  num_warps=4), q.device)
-    result = torch.empty((2, B * H), device=q.device, dtype=torch.float32)
+    result = torch.empty((3, B * H), device=q.device, dtype=torch.float32)
     taken = torch.empty((B * H,), device=q.device, dtype=torch.int32)
     budget = torch.empty((B * H,), device=q.device, dtype=torch.float32)
+    D = q.shape[-1]
     _launch(_decide_kernel, (B * H, 1, 1),
-            (parts, result, taken, rating, budget, rating.shape[1], float(tolerance)),
-            dict(FORCE=bool(force), S=S, GROUPS=groups, num_warps=1), q.device)
+            (parts, result, taken, rating, budget, gram, mu, rating.shape[1], float(tolerance),
+             H, k.shape[1], D),
+            dict(FORCE=bool(force), S=S, GROUPS=groups, D_POW=_pow2(D),
+                 num_warps=4), q.device)
     return result, taken, budget
 
 
