@@ -118,12 +118,11 @@ def route(q, k, v, is_causal: bool, scale, tolerance: float, force: bool,
     from .kernels import lowrank
 
     LQ = q.shape[2]
-    out, lse, (rating, worst_row), (gram, mu) = lowrank.lowrank_forward(q, k, v, is_causal,
-                                                                        scale)
+    out, lse, (rating, worst_row), keys = lowrank.lowrank_forward(q, k, v, is_causal, scale)
     if state is None or (state.calls + 1 >= CHECK_EVERY and not capturing):
         rows = sample_rows((rating, worst_row), LQ)
         measured, taken, budget = lowrank.check_rows(q, k, v, out, rows, is_causal, scale,
-                                                     rating, gram, mu, tolerance, force)
+                                                     rating, keys, tolerance, force)
         state = RouteState(taken, budget)
         kept = lowrank.exact_heads(q, k, v, out, lse, taken, rating, budget, False, is_causal,
                                    scale)

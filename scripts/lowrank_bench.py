@@ -115,12 +115,12 @@ def main():
                 def kernel_only():
                     return lowrank.lowrank_forward(q, k, v, causal, scale)
 
-                out_lr, lse_lr, worst, (gram, mu) = kernel_only()
+                out_lr, lse_lr, worst, keys = kernel_only()
 
                 def estimator():
                     idx = rank.sample_rows(worst, L)
                     return lowrank.check_rows(q, k, v, out_lr, idx, causal, scale, worst[0],
-                                              gram, mu)
+                                              keys)
 
                 state[0] = None
                 out, _, pending = path()   # a call with a check

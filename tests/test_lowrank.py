@@ -104,7 +104,7 @@ def test_lowrank_kernel_matches_its_formula_in_float64(B, H, HKV, LQ, LK, D, DV,
     q = (torch.randn(B, H, LQ, D, device=DEV) * 0.3).to(dtype)
     k = (torch.randn(B, HKV, LK, D, device=DEV) * 0.3 + 0.5).to(dtype)   # a mean to remove
     v = (torch.randn(B, HKV, LK, DV, device=DEV) + 1).to(dtype)
-    out, lse, (rating, worst_row), (gram, _) = lowrank.lowrank_forward(q, k, v, causal, None)
+    out, lse, (rating, worst_row), (gram, _, _) = lowrank.lowrank_forward(q, k, v, causal, None)
     ref, ref_lse = linearised_reference(q, k, v, D ** -0.5, causal)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert rel(out, ref) < tol
@@ -147,9 +147,9 @@ def test_exact_rows_and_the_check_against_float64(causal):
     expect = torch.where(n_keys > 1, plogp / torch.log(n_keys.clamp_min(2)), 1.0)
     assert (entropy.double() - expect).abs().max() < 1e-5
     # the check: the error of the low-rank rows at the same positions, and the decision
-    out, _, (rating, _), (gram, mu) = lowrank.lowrank_forward(q, k, v, causal, None)
-    measured, taken, budget = lowrank.check_rows(q, k, v, out, rows, causal, None, rating, gram,
-                                                 mu, 0.05)
+    out, _, (rating, _), keys = lowrank.lowrank_forward(q, k, v, causal, None)
+    measured, taken, budget = lowrank.check_rows(q, k, v, out, rows, causal, None, rating, keys,
+                                                 0.05)
     approx = out.flatten(0, 1).gather(1, at[..., None].expand(-1, -1, D))
     expect = rel(approx, ref_rows, dims=(1, 2))
     assert (measured[0].double() - expect).abs().max() < 1e-5

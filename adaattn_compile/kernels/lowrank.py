@@ -26,7 +26,7 @@ rows (:mod:`adaattn_compile.rank` drives them):
 
 * :func:`key_sums` (per chunk of keys: ``K^T V``, ``sum K``, ``sum V``; one pass over K and V)
   and :func:`rest_states` (mean key, centred states, the centred Gram of K from <= 1024 keys);
-* :func:`lowrank_forward` -- ``(out, lse, (rating, worst row), (gram, mu))`` with each query
+* :func:`lowrank_forward` -- ``(out, lse, (rating, worst row), (gram, mu, spec))`` with each query
   block's worst row by ``scale^2 q^T G q`` (what the linearisation drops);
 * :func:`check_rows` -- exact sampled rows, each head's error and entropy, its keys'
   effective rank, the decision and the budget for the calls until the next check; :func:`exact_rows` the rows alone (tests);
@@ -306,7 +306,7 @@ def _store_split(HI, LO, offs, x, mask, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _rest_kernel(K, KV, KSUM, VSUM, MU, RC_HI, RC_LO, RV, RD, RN, GRAM,
+def _rest_kernel(K, KV, KSUM, VSUM, MU, RC_HI, RC_LO, RV, RD, RN, GRAM, SPEC,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  H, LK, D, DV, n_chunks, keys_per_chunk, gram_keys, gram_step,
                  CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, D_POW: tl.constexpr,
@@ -350,8 +350,15 @@ def _rest_kernel(K, KV, KSUM, VSUM, MU, RC_HI, RC_LO, RV, RD, RN, GRAM,
         kc = tl.where(t_ok[:, None], kc - mu_c[None, :], 0.0)
         k = tl.where(t_ok[:, None], k - mu[None, :], 0.0)
         gram = tl.dot(tl.trans(kc), k, gram, input_precision=PREC)
+    gram = gram / gram_keys
     tl.store(GRAM + bh * D * D + offs_dc[:, None] * D + offs_d[None, :],
-             (gram / gram_keys).to(GRAM.dtype.element_ty), mask=dc_ok[:, None] & d_ok[None, :])
+             gram.to(GRAM.dtype.element_ty), mask=dc_ok[:, None] & d_ok[None, :])
+    # this slice's share of the Gram's trace and squared Frobenius norm (K's spectrum, for
+    # the check: effective rank = trace^2 / |G|_F^2)
+    spec = (bh * tl.num_programs(1) + dc) * 2
+    tl.store(SPEC + spec, tl.sum(tl.sum(tl.where(offs_dc[:, None] == offs_d[None, :], gram, 0.0),
+                                        1), 0))
+    tl.store(SPEC + spec + 1, tl.sum(tl.sum(gram * gram, 1), 0))
     run_kv = tl.zeros((BLOCK_D, DV_POW), dtype=tl.float32)
     run_k = tl.zeros((BLOCK_D,), dtype=tl.float32)
     run_v = tl.zeros((DV_POW,), dtype=tl.float32)
@@ -387,11 +394,12 @@ _GRAM_KEYS = 1024
 
 def rest_states(k, kv, ksum, vsum, keys_per_chunk: int, causal: bool, dot_dtype):
     """What the linear term of each chunk's query blocks sums over, from the chunk sums:
-    -> ``(mu, rc_hi, rc_lo, rv, rd, rn, gram)``: the mean key ``(BH, D)``; per chunk the
+    -> ``(mu, rc_hi, rc_lo, rv, rd, rn, gram, spec)``: the mean key ``(BH, D)``; per chunk the
     centred ``sum (k - mu) v^T / Lk`` ``(BH, nc', D, Dv)`` as a hi + lo pair in ``dot_dtype``
     (lo None for fp32), ``sum v``, ``sum (k - mu)`` and the key count (causal: over the
     chunks before; non-causal: nc' = 1, the whole sequence); the centred Gram over the key
-    count, ``(BH, D, D)`` in ``dot_dtype``. One small kernel (a handful of torch ops would
+    count, ``(BH, D, D)`` in ``dot_dtype``, and per slice of it its share of the trace and the
+    squared Frobenius norm, ``(BH, slices, 2)``. One small kernel (a handful of torch ops would
     cost more host time than the GPU spends on them)."""
     BH, nc, D, DV = kv.shape
     LK = k.shape[2]
@@ -406,14 +414,15 @@ def rest_states(k, kv, ksum, vsum, keys_per_chunk: int, causal: bool, dot_dtype)
     rn = torch.empty((BH, n_out), device=dev, dtype=torch.float32)
     gram = torch.empty((BH, D, D), device=dev, dtype=dot_dtype)
     block_d = min(_pow2(D), 32)
+    spec = torch.empty((BH, triton.cdiv(D, block_d), 2), device=dev, dtype=torch.float32)
     gram_keys = min(LK, _GRAM_KEYS)
     _launch(_rest_kernel, (BH, triton.cdiv(D, block_d), 1),
-            (k, kv, ksum, vsum, mu, rc_hi, rc_lo if split else rc_hi, rv, rd, rn, gram,
+            (k, kv, ksum, vsum, mu, rc_hi, rc_lo if split else rc_hi, rv, rd, rn, gram, spec,
              *k.stride(), k.shape[1], LK, D, DV, nc, keys_per_chunk, gram_keys,
              LK // gram_keys),
             dict(CAUSAL=bool(causal), BLOCK_D=block_d, D_POW=_pow2(D), DV_POW=_pow2(DV),
                  SPLIT=split, PREC=_PREC, num_warps=4), dev)
-    return mu, rc_hi, rc_lo, rv, rd, rn, gram
+    return mu, rc_hi, rc_lo, rv, rd, rn, gram, spec
 
 
 def lowrank_forward(q, k, v, is_causal: bool, scale):
@@ -421,14 +430,15 @@ def lowrank_forward(q, k, v, is_causal: bool, scale):
     ``lse`` are NaN on rows whose linearised weights are unusable; ``worst = (rating, row)``,
     each ``(B * Hq, query blocks)``: per block of ``BLOCK`` query rows, the row with the
     largest mean squared score deviation from the mean key (+inf: an unusable row) and that
-    value; ``keys = (gram, mu)``: K's centred Gram over the key count ``(B * Hkv, D, D)`` and
-    its mean ``(B * Hkv, D)``."""
+    value; ``keys = (gram, mu, spec)``: K's centred Gram over the key count
+    ``(B * Hkv, D, D)``, its mean ``(B * Hkv, D)`` and the Gram's trace and squared Frobenius
+    norm by slices (see :func:`rest_states`)."""
     B, H, LQ, D = q.shape
     HKV, LK, DV = k.shape[1], k.shape[2], v.shape[-1]
     sm_scale = float(scale) if scale is not None else D ** -0.5
     per_chunk = _CAUSAL_CHUNK if is_causal else _CHUNK
-    mu, rc_hi, rc_lo, rv, rd, rn, gram = rest_states(k, *key_sums(k, v, per_chunk), per_chunk,
-                                                     is_causal, q.dtype)
+    mu, rc_hi, rc_lo, rv, rd, rn, gram, spec = rest_states(k, *key_sums(k, v, per_chunk),
+                                                           per_chunk, is_causal, q.dtype)
     out = torch.empty((B, H, LQ, DV), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
     n_qblocks = triton.cdiv(LQ, BLOCK)
@@ -445,7 +455,7 @@ def lowrank_forward(q, k, v, is_causal: bool, scale):
             dict(CAUSAL=bool(is_causal), BLOCK=BLOCK, D_POW=_pow2(D), BLOCK_DV=block_dv,
                  BLOCK_G=min(_pow2(D), 128), SPLIT=rc_lo is not None, PREC=_PREC,
                  num_warps=4 if _INTERPRET else 8), q.device)
-    return out, lse, (worst, worst_row), (gram, mu)
+    return out, lse, (worst, worst_row), (gram, mu, spec)
 
 
 @triton.jit
@@ -575,10 +585,9 @@ def _check_kernel(Acc, M, L, T, IDX, Out, Part,
 
 
 @triton.jit
-def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, GRAM, MU, n_qblocks, tolerance, H, HKV,
-                   D,
-                   FORCE: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
-                   D_POW: tl.constexpr):
+def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, SPEC, MU, n_qblocks, tolerance, H, HKV,
+                   D, FORCE: tl.constexpr, S: tl.constexpr, GROUPS: tl.constexpr,
+                   D_POW: tl.constexpr, SLICES: tl.constexpr):
     """One head: its relative L2 error and mean entropy over the sampled rows, and its keys'
     spectrum summed up as the centred Gram's effective rank ``(sum l)^2 / sum l^2`` over its
     eigenvalues l (= trace^2 / |G|_F^2, no eigen-solve: 1 when keys vary along one
@@ -600,10 +609,9 @@ def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, GRAM, MU, n_qblocks, tol
     kv_bh = (bh // H).to(tl.int64) * HKV + (bh % H) // (H // HKV)
     offs_d = tl.arange(0, D_POW)
     d_ok = offs_d < D
-    g = tl.load(GRAM + kv_bh * D * D + offs_d[:, None] * D + offs_d[None, :],
-                mask=d_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    trace = tl.sum(tl.sum(tl.where(offs_d[:, None] == offs_d[None, :], g, 0.0), 1), 0)
-    frob2 = tl.sum(tl.sum(g * g, 1), 0)
+    offs_sl = kv_bh * SLICES * 2 + tl.arange(0, SLICES) * 2
+    trace = tl.sum(tl.load(SPEC + offs_sl), 0)
+    frob2 = tl.sum(tl.load(SPEC + offs_sl + 1), 0)
     # keys that do not vary (a trace at the rounding level of the mean's square, the Gram
     # being the second moment less it): 0
     mu = tl.load(MU + kv_bh * D + offs_d, mask=d_ok, other=0.0)
@@ -624,12 +632,13 @@ def _decide_kernel(Part, Result, TAKEN, RATING, BUDGET, GRAM, MU, n_qblocks, tol
 
 
 # The exact-rows kernel splits each head's keys so that a call has about _EXACT_PROGRAMS
-# programs (every SM busy, few partial results to combine), each walking at least
-# _MIN_KEYS_PER_SPLIT keys (H100, L = 8192: 97 us at 64 heads -- K and V read once, ~90 us at
-# 3 TB/s -- against 324 us with a fixed 512-key split and an fp32 p). The check combines
-# _CHECK_ROWS sampled rows a program.
-_EXACT_PROGRAMS = 256
-_MIN_KEYS_PER_SPLIT = 512
+# programs (SMs busy, few partial results for the check to combine), each walking 1024 to
+# 2048 keys (H100, L = 8192: 97 us at 64 heads -- K and V read once, ~90 us at 3 TB/s --
+# against 324 us with a fixed 512-key split and an fp32 p). The check combines _CHECK_ROWS
+# sampled rows a program.
+_EXACT_PROGRAMS = 128
+_MIN_KEYS_PER_SPLIT = 1024
+_MAX_KEYS_PER_SPLIT = 2048
 _CHECK_ROWS = 16
 _EXACT_BLOCK_N = 64
 _EXACT_WARPS = 4
@@ -640,8 +649,8 @@ def _exact_partials(q, k, v, rows, is_causal, scale):
     HKV, LK, DV = k.shape[1], k.shape[2], v.shape[-1]
     S = rows.shape[1]
     sm_scale = float(scale) if scale is not None else D ** -0.5
-    per_split = max(_MIN_KEYS_PER_SPLIT,
-                    triton.next_power_of_2(triton.cdiv(LK * B * H, _EXACT_PROGRAMS)))
+    per_split = min(_MAX_KEYS_PER_SPLIT, max(
+        _MIN_KEYS_PER_SPLIT, triton.next_power_of_2(triton.cdiv(LK * B * H, _EXACT_PROGRAMS))))
     splits = triton.cdiv(LK, per_split)
     dev = q.device
     acc = torch.empty((B * H, splits, S, DV), device=dev, dtype=torch.float32)
@@ -658,12 +667,12 @@ def _exact_partials(q, k, v, rows, is_causal, scale):
     return acc, m, l, t
 
 
-def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, gram, mu,
+def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, keys,
                tolerance: float = 0.0, force: bool = False):
     """Per head of ``out`` (the low-rank output, ``(B, Hq, Lq, Dv)``): the relative L2 error of
     its rows at ``rows (B * Hq, S)`` against exact attention, the exact rows' mean normalised
-    entropy and the effective rank of K's centred Gram (``gram`` and the mean key ``mu``,
-    from the low-rank kernel), ``(3, B * Hq)`` fp32; whether the head keeps the low-rank rows, ``(B * Hq,)``
+    entropy and the effective rank of K's centred Gram (``keys``: what
+    :func:`lowrank_forward` returns), ``(3, B * Hq)`` fp32; whether the head keeps the low-rank rows, ``(B * Hq,)``
     int32; and the row rating up to which later calls may keep them unchecked, ``(B * Hq,)``
     fp32 (``rating``: the per-block worst-row ratings of the low-rank kernel). On the
     device."""
@@ -680,12 +689,13 @@ def check_rows(q, k, v, out, rows, is_causal: bool, scale, rating, gram, mu,
     result = torch.empty((3, B * H), device=q.device, dtype=torch.float32)
     taken = torch.empty((B * H,), device=q.device, dtype=torch.int32)
     budget = torch.empty((B * H,), device=q.device, dtype=torch.float32)
+    _, mu, spec = keys
     D = q.shape[-1]
     _launch(_decide_kernel, (B * H, 1, 1),
-            (parts, result, taken, rating, budget, gram, mu, rating.shape[1], float(tolerance),
+            (parts, result, taken, rating, budget, spec, mu, rating.shape[1], float(tolerance),
              H, k.shape[1], D),
-            dict(FORCE=bool(force), S=S, GROUPS=groups, D_POW=_pow2(D),
-                 num_warps=4), q.device)
+            dict(FORCE=bool(force), S=S, GROUPS=groups, D_POW=_pow2(D), SLICES=spec.shape[1],
+                 num_warps=1), q.device)
     return result, taken, budget
 
 
