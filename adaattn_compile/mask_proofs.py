@@ -17,7 +17,9 @@ A causal mask runs as ``is_causal``; the causal mask of a padded batch (causal A
 mask, as transformers builds it) runs as ``is_causal`` with the (B, 1, 1, L) key mask, which
 the kernels read as a vector per tile.
 Only masks of shape (.., L, L) with L >= MIN_LEN are checked (there a causal skip halves the
-work); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
+work), and key masks (.., 1, Lk) at Lq >= MIN_LEN, proven empty when they keep every key (HF's
+padding mask of a batch without padding: without it the kernels read no mask, and the
+low-rank path, which takes none, is open); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
 (they keep no version counter).
 
 A mask built anew every call (T5's position bias, a padding mask) is a new tensor every call,
@@ -61,8 +63,15 @@ def enabled() -> bool:
     return os.environ.get("ADAATTN_RUN_TIME_MASKS", "") not in ("0", "false", "False", "no")
 
 
+def _is_key_mask(mask: torch.Tensor, lq: int, lk: int) -> bool:
+    """A per-key mask, (.., 1, Lk), for more than one query row."""
+    return lq > 1 and mask.shape[-2:] == (1, lk)
+
+
 def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
-    if lq != lk or lq < MIN_LEN or mask.dim() < 2 or mask.shape[-2:] != (lq, lk):
+    if lq < MIN_LEN or mask.dim() < 2:
+        return False
+    if not (_is_key_mask(mask, lq, lk) or (lq == lk and mask.shape[-2:] == (lq, lk))):
         return False
     if mask.requires_grad or mask.is_inference():
         return False
@@ -84,6 +93,11 @@ def _first_row_allows(mask: torch.Tensor) -> bool:
         valid = (keep | (row <= VERY_NEGATIVE)).all()
     ok = keep.all() | ~keep[..., 1:].any()
     return bool(ok if valid is None else ok & valid)
+
+
+def _keeps_every_key(mask: torch.Tensor) -> bool:
+    """Whether a key mask keeps every key: all True, or all 0 added. One sync."""
+    return bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all())
 
 
 def _prove(mask: torch.Tensor, n: int) -> Tuple[Optional[str], Optional[torch.Tensor]]:
@@ -138,7 +152,10 @@ def check(mask: Optional[torch.Tensor], lq: int, lk: int, site: Optional[str] = 
         return None, None, False
     if flops is not None and flops < MIN_GFLOPS * 1e9:
         return None, None, False
-    kind, keys = _prove(mask, lq) if _first_row_allows(mask) else (None, None)
+    if _is_key_mask(mask, lq, lk):   # (a padding mask that pads nothing: no mask)
+        kind, keys = ("none" if _keeps_every_key(mask) else None), None
+    else:
+        kind, keys = _prove(mask, lq) if _first_row_allows(mask) else (None, None)
     with _lock:
         if site is not None:
             _misses[site] = _misses.get(site, 0) + 1 if kind is None else 0

@@ -364,6 +364,22 @@ def test_calls_under_the_work_threshold_stay_dense():
     assert adaattn_compile.stats()[site]["heads"][0]["low_rank"] == 1
 
 
+def test_a_padding_mask_that_pads_nothing_leaves_the_path_open(monkeypatch):
+    from adaattn_compile import mask_proofs
+    monkeypatch.setattr(mask_proofs, "MIN_GFLOPS", 0.0)   # (this call is small)
+    mask_proofs.clear()
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (t.to(DEV) for t in _heads("diffuse", 256, 16, g))
+    site = _site("keys")
+    out = torch.ops.adaattn.attention(q, k, v, torch.ones(1, 1, 1, 256, dtype=torch.bool,
+                                                          device=DEV),
+                                      0.0, False, None, False, site, "balanced", "triton")[0]
+    entry = adaattn_compile.stats()[site]
+    assert entry["run_time_masks"] == {"none": 1} and entry["heads"][0]["low_rank"] == 1
+    assert rel(out, exact_reference(q, k, v, 0.25, False)) <= 1e-2
+    mask_proofs.clear()
+
+
 def test_masks_and_dropout_are_not_low_rank():
     q = k = v = torch.randn(1, 1, 128, 16)
     assert lowrank.supports(q, k, v, torch.ones(128, 128, dtype=torch.bool), 0.0, False)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import adaattn_compile
-from adaattn_compile import mask_proofs
+from adaattn_compile import mask_proofs, op
+from adaattn_compile.options import Options
 from adaattn_compile.passes import match
 from helpers import compile_and_run, reference_attention, rel_err
 
@@ -69,6 +70,35 @@ def test_run_time_kind(make, expected):
         assert torch.equal(keys, mask[..., -1:, :])
     else:
         assert keys is None
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: torch.ones(2, 1, 1, L, dtype=torch.bool), "none"),
+    (lambda: torch.zeros(2, 1, 1, L), "none"),
+    (lambda: torch.zeros(1, 1, 1, L, dtype=torch.float16), "none"),
+    (lambda: padded_causal([0, 5])[1], None),                     # pads something
+    (lambda: additive(padded_causal([3, 0])[1]), None),
+    (lambda: torch.full((2, 1, 1, L), -1.0), None),              # a bias on every key
+], ids=["bool", "additive", "additive-fp16", "bool-padded", "additive-padded", "bias"])
+def test_key_masks_that_keep_every_key_are_empty(make, expected):
+    mask = make()
+    assert mask_proofs.run_time_kind(mask, L, L) == (expected, None)
+    mask_proofs.clear()
+    assert mask_proofs.run_time_kind(mask, 2 * L, L)[0] == expected   # Lq != Lk is fine here
+    mask_proofs.clear()
+    assert mask_proofs.run_time_kind(mask, L - 1, L)[0] is None      # too few query rows
+
+
+def test_op_drops_an_empty_padding_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))
+    mask = torch.ones(2, 1, 1, L, dtype=torch.bool)
+    site = "s-keys"
+    op.register_site(site, Options(kernel="reference"))
+    out = torch.ops.adaattn.attention(q, k, v, mask, 0.0, False, None, False, site, "balanced",
+                                      "reference")[0]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert adaattn_compile.stats()[site]["run_time_masks"] == {"none": 1}
 
 
 def test_inference_tensors_are_not_checked():
