@@ -132,16 +132,18 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
         raise RuntimeError(f"lost shape metadata while rewriting ({errors})")
     dynamic = not all(isinstance(s, int) for t in fakes[:3] for s in t.shape)
     q, k, v, mask = (_static_like(t) for t in fakes)
-    unsupported = lowrank_why = None
+    unsupported = lowrank_why = int8_why = None
     if options.kernel != "reference":
         try:
             unsupported = op._flash_unsupported(q, k, v, mask, m.dropout_p, m.enable_gqa)
             lowrank_why = op.lowrank_unsupported(q, k, v, mask, m.causal, m.dropout_p,
                                                  m.enable_gqa)
+            if op.wants_int8(options):
+                int8_why = op.int8_unsupported(q, k, v, mask, m.dropout_p, m.enable_gqa)
         except Exception as exc:
             unsupported = f"kernel check failed: {exc}"
     problem = op.problem_of(q, k, v, mask, m.causal, m.dropout_p, m.enable_gqa, unsupported,
-                            lowrank_why, training)
+                            lowrank_why, training, int8_why)
     info = op.device_info(q.device) if q.device.type != "meta" else op.planner.DeviceInfo("meta")
     chosen = op.planner.plan(info, problem, options)
     decision = Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,

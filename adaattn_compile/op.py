@@ -29,7 +29,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import mask_proofs, planner
+from . import mask_proofs, planner, precision
 from .kernels import reference
 from .options import Options
 
@@ -66,6 +66,8 @@ def register_site(site: str, options: Options, training: bool = False) -> None:
             _plan_generation += 1
             for key in [key for key in _plan_cache if key[0] == site]:
                 del _plan_cache[key]
+            for key in [key for key in _ladder_states if key[0] == site]:
+                del _ladder_states[key]   # and the rungs its checks settled on
 
 
 def site_options(site: str, policy: str, kernel: str) -> Options:
@@ -142,42 +144,71 @@ def _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa) -> Optional[st
     return flash.supports(_to4d(qb), _to4d(kb), _to4d(vb), _mask4d(attn_mask), dropout_p)
 
 
-def lowrank_unsupported(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) -> Optional[str]:
-    """Why the low-rank kernel can't run this call (None if it can)."""
+def _other_kernel_unsupported(module: str, q, k, v, enable_gqa, check) -> Optional[str]:
+    """Why kernels.``module`` can't run this call (None if it can): ``check(module, q4, k4,
+    v4)`` on the inputs brought to (B, H, L, D)."""
     try:
-        from .kernels import lowrank
+        kernels = importlib.import_module(f"{__package__}.kernels.{module}")
     except Exception as exc:  # triton missing or broken
         return f"Triton kernel unavailable ({type(exc).__name__})"
     if q.dim() not in (3, 4):
         return f"{q.dim()}-D inputs"
     qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
-    return lowrank.supports(_to4d(qb), _to4d(kb), _to4d(vb), attn_mask, dropout_p, is_causal)
+    return check(kernels, _to4d(qb), _to4d(kb), _to4d(vb))
+
+
+def lowrank_unsupported(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa) -> Optional[str]:
+    """Why the low-rank kernel can't run this call (None if it can)."""
+    return _other_kernel_unsupported(
+        "lowrank", q, k, v, enable_gqa,
+        lambda m, q4, k4, v4: m.supports(q4, k4, v4, attn_mask, dropout_p, is_causal))
+
+
+def int8_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
+    """Why the 8-bit kernel can't run this call (None if it can)."""
+    return _other_kernel_unsupported(
+        "attn8", q, k, v, enable_gqa,
+        lambda m, q4, k4, v4: m.supports(q4, k4, v4, _mask4d(attn_mask), dropout_p))
 
 
 def problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, unsupported=None,
-               lowrank_why=None, training=False) -> planner.Problem:
+               lowrank_why=None, training=False, int8_why=None, amax=None) -> planner.Problem:
     groups = q.shape[-3] // k.shape[-3] if enable_gqa and q.dim() >= 3 else 1
     return planner.Problem(
         dtype=str(q.dtype).replace("torch.", ""), q_len=int(q.shape[-2]), k_len=int(k.shape[-2]),
         head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), mask=mask_kind(attn_mask),
         causal=bool(is_causal), dropout_p=float(dropout_p), gqa_groups=int(groups),
-        kernel_unsupported=unsupported, lowrank_unsupported=lowrank_why, training=training)
+        kernel_unsupported=unsupported, lowrank_unsupported=lowrank_why, training=training,
+        int8_unsupported=int8_why, amax=amax)
 
 
-def _make_plan(opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
-               training) -> planner.Plan:
-    unsupported = lowrank_why = None
+def wants_int8(opts: Options) -> bool:
+    return opts.precision == "int8" or (opts.precision == "auto"
+                                        and opts.int8_min_seq_len is not None)
+
+
+def _make_plan(opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, training,
+               scale) -> planner.Plan:
+    unsupported = lowrank_why = int8_why = amax = None
     if opts.kernel != "reference":
         unsupported = _flash_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa)
         if unsupported is None and opts.rank != "dense":
             lowrank_why = lowrank_unsupported(q, k, v, attn_mask, is_causal, dropout_p,
                                               enable_gqa)
+        if unsupported is None and wants_int8(opts):
+            int8_why = int8_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa)
+    if (q.dtype == torch.float32 and opts.precision in ("auto", "fp16") and opts.tolerance > 0
+            and not training and min(q.shape[-2], k.shape[-2]) >= opts.min_seq_len):
+        # fp16 is a rung only where the inputs' range fits it (one sync, once per plan; the
+        # run-time checks measure it again)
+        amax = precision.measure_amax(q, k, v, scale)
     return planner.plan(device_info(q.device),
                         problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
-                                   unsupported, lowrank_why, training), opts)
+                                   unsupported, lowrank_why, training, int8_why, amax), opts)
 
 
-def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa):
+def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
+          scale=None):
     """The plan for this call, cached per site, the call's policy and kernel, device (and
     whether it allows tf32), dtype, head counts and dims, sequence-length bucket (so a
     dynamic-length model plans once per bucket, not per length), mask kind and rank, causal,
@@ -201,7 +232,7 @@ def _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable
         return cached
     generation = _plan_generation
     result = _make_plan(site_options(site, policy, kernel), q, k, v, attn_mask, is_causal,
-                        dropout_p, enable_gqa, training)
+                        dropout_p, enable_gqa, training, scale)
     with _cache_lock:
         if generation == _plan_generation:
             _plan_cache[key] = result
@@ -244,16 +275,17 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.to(like.dtype)
 
 
-def _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa):
+def _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward=None):
+    """``forward`` (default: the dense flash kernel's) on q / k / v brought to (B, H, L, D)."""
+    forward = forward or _flash().flash_forward
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1]):
         # (B, H, L, D) with nothing to broadcast: what rewritten graphs pass (every step
         # below is a no-op then, and this runs on every call)
-        return _flash().flash_forward(q, k, v, _mask4d(attn_mask), is_causal, scale)
+        return forward(q, k, v, _mask4d(attn_mask), is_causal, scale)
     qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
     out_shape = qb.shape[:-1] + (v.shape[-1],)
-    out, lse = _flash().flash_forward(_to4d(qb), _to4d(kb), _to4d(vb), _mask4d(attn_mask),
-                                      is_causal, scale)
+    out, lse = forward(_to4d(qb), _to4d(kb), _to4d(vb), _mask4d(attn_mask), is_causal, scale)
     return out.reshape(out_shape), lse.reshape(out_shape[:-1])
 
 
@@ -362,6 +394,92 @@ def _lowrank_forward(q, k, v, is_causal, scale, enable_gqa, site, chosen):
     return out.reshape(out_shape), lse.reshape(out_shape[:-1])
 
 
+# (site, bucket, dtype, device, ladder) -> precision.LadderState: the rung a site runs at
+_ladder_states: Dict[tuple, precision.LadderState] = {}
+_SIXTEEN_BIT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _attn8():
+    from .kernels import attn8
+    return attn8.forward
+
+
+def _run_rung(rung, q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    """The call at one rung below the inputs' precision, on the Triton kernels: the 8-bit
+    kernel, or the dense kernel on a 16-bit copy of fp32 inputs (with the scale folded into
+    q, which is what has to fit fp16's range)."""
+    if rung == "int8":
+        return _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa, _attn8())
+    dtype = _SIXTEEN_BIT[rung]
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _flash_forward((q * sm_scale).to(dtype), k.to(dtype), v.to(dtype), attn_mask,
+                              is_causal, 1.0, enable_gqa)
+    return out.to(q.dtype), lse
+
+
+def _laddered_forward(site, chosen, q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    """-> ((out, lse), precision): the call at its site's current rung of ``chosen.precisions``
+    (None for the result: the input's precision on the reference path),
+    checked on sampled rows when the rung is new and every ``precision.CHECK_EVERY`` calls;
+    a failed check (or a kernel failure) moves the site up a rung and runs the call again."""
+    ladder = chosen.precisions
+    key = (site, chosen.seq_bucket, q.dtype, q.device, ladder)
+    state = _ladder_states.get(key)
+    if state is None:
+        state = _ladder_states[key] = precision.LadderState()
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    while state.level < len(ladder) - 1:
+        rung = ladder[state.level]
+        check = state.calls_to_check <= 0
+        if capturing and not (state.verified and not check):
+            # nothing may wait for the device here: a rung not verified (or due a check)
+            # runs at the inputs' precision until an uncaptured call checks it
+            break
+        if check and rung == "fp16" and not chosen.precision_forced:
+            amax = precision.measure_amax(q, k, v, scale)
+            if max(amax) >= planner.FP16_INPUT_MAX or not all(a == a for a in amax):
+                _demote(site, state, ladder, rung, None,
+                        f"input range {max(amax):.3g} >= {planner.FP16_INPUT_MAX:g}")
+                continue
+        try:
+            result = _run_rung(rung, q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        except Exception as exc:  # the next rung up still runs the call
+            reason = f"{rung} kernel failed ({type(exc).__name__}: {str(exc)[:200]})"
+            warn_once((site, "rung", rung, type(exc).__name__),
+                      f"adaattn: site {site}: {reason}; running at {ladder[state.level + 1]}")
+            stats.record_fallback(site, reason)
+            _demote(site, state, ladder, rung, None, "kernel failed")
+            continue
+        if not check:
+            state.calls_to_check -= 1
+            return result, rung
+        qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
+        out4 = result[0].reshape(qb.shape[:-1] + (v.shape[-1],))
+        qb, kb, vb, out4 = _to4d(qb), _to4d(kb), _to4d(vb), _to4d(out4)
+        error = precision.sampled_error(
+            qb, kb, vb, out4, _mask4d(attn_mask), is_causal, scale,
+            precision.sample_rows(q.shape[-2], state.checks, q.device),
+            precision.sample_heads(kb.shape[0], kb.shape[1], state.checks, q.device))
+        state.checks += 1
+        if error <= chosen.tolerance or chosen.precision_forced:
+            stats.record_precision_check(site, rung, error)
+            state.verified = True
+            state.calls_to_check = precision.CHECK_EVERY - 1
+            return result, rung
+        _demote(site, state, ladder, rung, error, f"{error:.2e} > {chosen.tolerance:g}")
+    if chosen.kernel != "triton":
+        return None, ladder[-1]   # the input's precision on the reference path
+    return _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa), ladder[-1]
+
+
+def _demote(site, state, ladder, rung, error, why):
+    """Move ``state`` up one rung (for good: a site whose check failed stays above it)."""
+    state.level += 1
+    state.verified = False
+    state.calls_to_check = 0
+    stats.record_precision_check(site, rung, error, ladder[state.level], why)
+
+
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
                    kernel):
     """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed)."""
@@ -373,13 +491,16 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
         seed_value = 0
     if attn_mask is not None and not is_causal:
         attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k)
-    chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
+    chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
+                   scale)
     kernel_used = chosen.kernel
+    precision_used = chosen.precisions[-1] if chosen.precisions else chosen.precision
     result = None
     if q.numel() == 0 or k.shape[-2] == 0:   # nothing for a kernel to do (bucket 1 holds L=0)
         kernel_used = "reference"
-    elif kernel_used == "triton":
-        if chosen.rank != "dense" and _try_low_rank(site, chosen, q, k, is_causal):
+    else:
+        if (kernel_used == "triton" and chosen.rank != "dense"
+                and _try_low_rank(site, chosen, q, k, is_causal)):
             try:
                 result = _lowrank_forward(q, k, v, is_causal, scale, enable_gqa, site, chosen)
                 if result is not None:
@@ -390,7 +511,13 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
                           f"adaattn: site {site}: {reason}; using the dense kernel")
                 stats.record_fallback(site, reason)
         try:
-            if result is None:
+            if result is None and len(chosen.precisions) > 1:
+                # (the rungs below the input's precision run on our Triton kernels even where
+                # the input's own precision runs on the reference path: fp32 without tf32)
+                result, precision_used = _laddered_forward(site, chosen, q, k, v, attn_mask,
+                                                           is_causal, scale, enable_gqa)
+                kernel_used = "triton" if result is not None else "reference"
+            elif result is None and kernel_used == "triton":
                 result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         except Exception as exc:  # never lose the model to a kernel failure
             reason = f"Triton forward failed ({type(exc).__name__}: {str(exc)[:200]})"
@@ -399,12 +526,15 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
             stats.record_fallback(site, reason)
             kernel_used = "reference"
     if result is None:
+        kernel_used = "reference"
         result = reference.reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p,
                                              enable_gqa, seed_value)
     out, lse = result
     # (batch, head) pairs: the unit the rank choice is made for; those the low-rank path keeps
     # move from "dense" to "low-rank" when the call's check reaches the host
-    stats.record_call(site, kernel_used, chosen.precision, "dense", math.prod(q.shape[:-2]))
+    if kernel_used == "reference":
+        precision_used = chosen.precisions[-1] if chosen.precisions else chosen.precision
+    stats.record_call(site, kernel_used, precision_used, "dense", math.prod(q.shape[:-2]))
     return out.contiguous(), lse.contiguous(), seed
 
 
@@ -426,7 +556,8 @@ def attention_backward_impl(grad_out, q, k, v, attn_mask, out, lse, seed, dropou
     """The backward of ``adaattn::attention``: -> (dq, dk, dv, dmask or an empty tensor)."""
     if attn_mask is not None and not is_causal and not mask_needs_grad:
         attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, count=False)
-    chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa)
+    chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
+                   scale)
     stats.record_backward(site)
     grads = None
     if (chosen.kernel == "triton" and q.numel() and k.shape[-2]

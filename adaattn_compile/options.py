@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 POLICIES = ("exact", "balanced", "fast")
 POLICY_ALIASES = {"quality": "exact", "speed": "fast"}
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-PRECISIONS = ("auto", "input", "fp32", "tf32", "bf16", "fp16", "fp8")
+PRECISIONS = ("auto", "input", "fp32", "tf32", "bf16", "fp16", "int8")
+# "fp8": the older name of the 8-bit kernel's precision (its products are INT8, see
+# kernels/attn8.py for why)
+PRECISION_ALIASES = {"fp8": "int8"}
 KERNELS = ("auto", "triton", "reference")
 
 # Per-site relative L2 error budget each policy allows its approximations.
@@ -27,6 +30,11 @@ RANKS = ("auto", "dense", "low")
 # stock; GPT at L = 1024, 1.6: 0.83x; Llama-1B's 4.3 at L = 1024 already gains: 1.28x; H100,
 # eighth session).
 DEFAULT_SMALL_CALL_GFLOPS = 2.0
+# Where precision="auto" offers the 8-bit kernel: None = nowhere. On the H100 it measured slower
+# than the dense bf16 kernel at every length (benchmarks/RESULTS.md, seventeenth session), so
+# it is opt-in: int8_min_seq_len=N offers it (checked on sampled rows, as every lower
+# precision is) where min(q_len, k_len) >= N; precision="int8" forces it.
+DEFAULT_INT8_MIN_SEQ_LEN = None
 
 
 class OptionError(ValueError):
@@ -59,6 +67,7 @@ class Options:
     kernel: str = "auto"
     small_call_gflops: float = DEFAULT_SMALL_CALL_GFLOPS
     low_rank_min_gflops: float = DEFAULT_LOW_RANK_MIN_GFLOPS
+    int8_min_seq_len: Optional[int] = DEFAULT_INT8_MIN_SEQ_LEN
 
     @staticmethod
     def parse(options: Mapping[str, Any] | None = None, **overrides: Any) -> "Options":
@@ -84,9 +93,11 @@ class Options:
             raise OptionError(f"adaattn: bad value {inner!r} for option 'inner'; "
                               f"allowed: {', '.join(INNER_COMPILERS)}")
         precision = raw.get("precision", "auto") or "auto"
+        precision = PRECISION_ALIASES.get(precision, precision) \
+            if isinstance(precision, str) else precision
         if precision not in PRECISIONS:
             raise OptionError(f"adaattn: bad value {precision!r} for option 'precision'; "
-                              f"allowed: {', '.join(PRECISIONS)}")
+                              f"allowed: {', '.join(PRECISIONS + tuple(PRECISION_ALIASES))}")
         rank = raw.get("rank", "auto") or "auto"
         if not isinstance(rank, str) or rank not in RANKS:
             raise OptionError(f"adaattn: bad value {rank!r} for option 'rank'; allowed: "
@@ -105,11 +116,18 @@ class Options:
             raise OptionError(f"adaattn: bad value {low_gflops!r} for option "
                               "'low_rank_min_gflops'; allowed: a number >= 0 (forward GFLOP a "
                               "call needs before the low-rank path is tried)")
+        int8_len = raw.get("int8_min_seq_len", DEFAULT_INT8_MIN_SEQ_LEN)
+        if int8_len is not None and (isinstance(int8_len, bool) or not isinstance(int8_len, int)
+                                     or int8_len < 0):
+            raise OptionError(f"adaattn: bad value {int8_len!r} for option 'int8_min_seq_len'; "
+                              "allowed: None (the 8-bit kernel only where precision='int8') "
+                              "or an int >= 0")
         return Options(policy, float(tolerance), min_seq_len, inner, precision, rank, kernel,
-                       float(small), float(low_gflops))
+                       float(small), float(low_gflops), int8_len)
 
     def describe(self) -> str:
         return (f"policy={self.policy} tolerance={self.tolerance:g} min_seq_len={self.min_seq_len} "
                 f"inner={self.inner} precision={self.precision} rank={self.rank} kernel={self.kernel} "
                 f"small_call_gflops={self.small_call_gflops:g} "
-                f"low_rank_min_gflops={self.low_rank_min_gflops:g}")
+                f"low_rank_min_gflops={self.low_rank_min_gflops:g} "
+                f"int8_min_seq_len={self.int8_min_seq_len}")

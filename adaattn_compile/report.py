@@ -134,6 +134,8 @@ class Report:
                         f"error={'exact' if err is None else f'{err:.2e}'}")
                     if rt.get("heads"):
                         lines.append(_format_heads(rt))
+                    if rt.get("precision_checks") or rt.get("precision_demotions"):
+                        lines.append(_format_precision(rt))
                     proven = rt.get("run_time_masks")
                     if proven:
                         lines.append(f"  masks     proven at run time, not read: "
@@ -187,6 +189,16 @@ def _format_heads(rt: dict) -> str:
                      f"Krank={'-' if k_rank is None else f'{k_rank:.1f}'}")
     return (f"  heads     kept low rank (rank {rt['low_rank_rank']}) / low-rank calls: "
             + ", ".join(parts))
+
+
+def _format_precision(rt: dict) -> str:
+    """The precision checks: the last error each rung measured on sampled rows, and the
+    demotions (a rung whose check failed, and the rung the site moved up to)."""
+    errors = ", ".join(f"{p} {e:.1e}" for p, e in rt["precision_errors"].items())
+    line = f"  precision checks={rt['precision_checks']} error: {errors or '-'}"
+    if rt["precision_demotions"]:
+        line += "; demoted " + "; ".join(rt["precision_demotions"])
+    return line
 
 
 def _counts(counter: dict) -> str:

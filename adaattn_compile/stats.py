@@ -41,6 +41,11 @@ def _new_entry() -> Dict[str, Any]:
         # run-time masks checked and found not provable (the site stops checking after
         # mask_proofs.GIVE_UP of them in a row)
         "run_time_mask_misses": 0,
+        # adaptive precision: checks of a rung below the inputs' precision, the last error
+        # each rung measured, and the demotions ("int8 -> bf16: 4.4e-02 > 0.01")
+        "precision_checks": 0,
+        "precision_errors": {},
+        "precision_demotions": [],
     }
 
 
@@ -93,6 +98,23 @@ def record_rank_check(site: str, checks, forced: bool) -> None:
             used = [e for t, e in zip(checks.taken, checks.error) if t]
             if used:
                 entry["measured_error"] = max(used)
+
+
+def record_precision_check(site: str, precision: str, error, demoted_to=None,
+                           why: str = "") -> None:
+    """A check of ``precision`` on sampled rows (``error`` None: not measured, e.g. the range
+    check of fp16) and, if it failed, the rung the site moved up to."""
+    with _lock:
+        entry = _entry(site)
+        if error is not None:
+            entry["precision_checks"] += 1
+            entry["precision_errors"][precision] = error
+        if demoted_to is None:
+            entry["measured_error"] = error
+        else:
+            note = f"{precision} -> {demoted_to}: {why}"
+            if note not in entry["precision_demotions"]:
+                entry["precision_demotions"].append(note)
 
 
 def record_backward(site: str) -> None:

@@ -22,7 +22,7 @@ def problem(dtype="float16", lq=2048, lk=2048, unsupported=None, **kw):
     (SM75, "float16", "reference", "fp16"),
     (SM80, "float16", "triton", "fp16"),
     (SM80, "bfloat16", "triton", "bf16"),
-    (SM80, "float32", "triton", "fp32"),
+    (SM80, "float32", "reference", "fp32"),   # no tf32: Triton's fp32 products are slow
     (SM89, "float16", "triton", "fp16"),
     (SM90, "bfloat16", "triton", "bf16"),
     (SM90, "float32", "triton", "tf32"),
@@ -53,3 +53,13 @@ def test_min_seq_len_guard_is_shown():
 @pytest.mark.parametrize("length,bucket", [(1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024)])
 def test_seq_bucket(length, bucket):
     assert seq_bucket(length) == bucket
+
+
+def test_fp32_without_tf32_plans_the_reference_path_and_small_calls_stay_sdpa():
+    from adaattn_compile.planner import small_call
+    sm90_ieee = DeviceInfo("cuda", (9, 0))
+    chosen = plan(sm90_ieee, problem("float32"), Options())
+    assert chosen.kernel == "reference" and "Triton's full-precision fp32" in chosen.reason
+    assert plan(SM90, problem("float32"), Options()).kernel == "triton"   # tf32 allowed
+    assert small_call(sm90_ieee, problem("float32"), Options(), 0.5, True) is not None
+    assert small_call(sm90_ieee, problem("float64"), Options(), 0.5, True) is None

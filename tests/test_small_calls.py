@@ -15,7 +15,9 @@ L = 64
 
 @pytest.fixture
 def planned_for_gpu(monkeypatch):
-    monkeypatch.setattr(op, "device_info", lambda device: planner.DeviceInfo("cuda", (9, 0)))
+    # (tf32 allowed: fp32 without it plans the reference path, see test_planner)
+    monkeypatch.setattr(op, "device_info",
+                        lambda device: planner.DeviceInfo("cuda", (9, 0), allow_tf32=True))
     monkeypatch.setattr(op, "_flash_unsupported", lambda *args: None)
 
 
@@ -110,7 +112,7 @@ def test_report_shows_the_sdpa_decision(planned_for_gpu):
     lines = [line for line in report.format_sites().splitlines()
              if line.startswith(("  decision", "  guards"))]
     assert_expected_inline("\n".join(lines), """\
-  decision  kernel=sdpa precision=fp32 rank=dense (0.0042 GFLOP a call < small_call_gflops=2: torch's SDPA, our op's host cost would exceed what its kernel saves)
+  decision  kernel=sdpa precision=tf32 rank=dense (0.0042 GFLOP a call < small_call_gflops=2: torch's SDPA, our op's host cost would exceed what its kernel saves)
   guards    device=cuda sm90 dtype=float32 seq_bucket=64 policy=exact capability>=sm80 rank dense: policy exact, tolerance 0""")
 
 

@@ -255,6 +255,10 @@ def supports(q, k, v, attn_mask, dropout_p, is_causal) -> str | None:
         return f"dtype {q.dtype}"
     if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         return f"device {q.device.type}"
+    if q.dtype == torch.float32 and q.device.type == "cuda" and q.shape[-1] > 64:
+        # its tiles are sized for 16-bit inputs: fp32 at D = 128 needs 256 KB of shared
+        # memory, over the H100's 227 KB (found by scripts/precision_overhead.py)
+        return "fp32 inputs with head dim > 64"
     return None
 
 
