@@ -400,3 +400,38 @@ def test_ladder_on_the_gpu():
         assert rt["precision_checks"] == 2 and rt["measured_error"] < 3e-2
     ref, _ = reference_with_lse(q[:, :2], k[:, :2], v[:, :2], None, False, 1 / 8)
     assert rel_err(out[:, :2], ref) < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# exact fp32 on CUDA: the reference path runs torch's memory-efficient kernel (with the lse)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,causal,gqa", [(None, False, False), (None, True, True),
+                                             ("bool", False, False), ("additive", True, False)])
+def test_reference_path_on_cuda_matches_float64(kind, causal, gqa, monkeypatch):
+    from adaattn_compile.kernels import reference
+    torch.manual_seed(7)
+    B, H, L, D = 2, 4, 300, 64
+    q = torch.randn(B, H, L, D, device="cuda")
+    k = torch.randn(B, H // (2 if gqa else 1), L, D, device="cuda")
+    v = torch.randn(B, H // (2 if gqa else 1), L, D, device="cuda")
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(B, 1, L, L, device="cuda") > 0.3
+        mask[..., 3, :] = False
+    if kind == "additive":
+        mask = torch.randn(1, H, 1, L, device="cuda")
+    if kind is None:   # the efficient kernel takes these: the chunked math must not run
+        def no_math(*args):
+            raise AssertionError("chunked math path taken")
+        monkeypatch.setattr(reference, "_chunk_probs", no_math)
+    out, lse = reference.reference_forward(q, k, v, mask, causal, None, 0.0, gqa, 0)
+    kk, vv = (t.repeat_interleave(2, 1) for t in (k, v)) if gqa else (k, v)
+    ref, ref_lse = reference_with_lse(q, kk, vv, None if mask is None else mask.expand(
+        B, H, L, L), causal, 1 / 8)
+    assert rel_err(out, ref) < 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max() < 1e-4
+    if kind == "bool":
+        assert out[..., 3, :].abs().max() == 0

@@ -3,7 +3,10 @@
 It runs on every device and dtype and is the fallback whenever a faster kernel can't be used.
 It computes in float32 (float64 stays float64) in query chunks, so its memory is bounded by
 ``_CHUNK_BYTES`` rather than growing as B·H·Lq·Lk, and it returns the row log-sum-exp that the
-flash backward needs. Semantics follow ``F.scaled_dot_product_attention``:
+flash backward needs. Without dropout, ATen's fused kernels run it where they take the
+inputs (CPU: the flash kernel; CUDA: the memory-efficient one, both returning the lse), with
+fully masked rows set to the contract below. Semantics follow
+``F.scaled_dot_product_attention``:
 
 - ``is_causal`` is top-left aligned (query i sees keys j <= i);
 - a bool mask marks the keys to *keep*; a float mask is added to the scaled scores;
@@ -115,6 +118,46 @@ def _cpu_flash(q, k, v, attn_mask, is_causal, scale, enable_gqa):
     return out, lse
 
 
+def _cuda_efficient(q, k, v, attn_mask, is_causal, scale, enable_gqa):
+    """torch's memory-efficient CUDA kernel, which returns the lse as well: exact fp32 on CUDA
+    runs here (the chunked math below took 32.7 ms at B = 4, H = 16, L = 4096, D = 128 on the
+    H100, against 11.7 for SDPA). 4-D, same-batch inputs; None where it does not apply (the
+    caller takes the math path, also when the kernel refuses the inputs)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not (q.dtype == k.dtype == v.dtype):
+        return None
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        return None
+    bias = dead = None
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            return None
+        bias = attn_mask
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~bias, float("-inf"))
+        bias = bias.to(q.dtype)
+        # rows with every key masked: 0 and lse = -inf (the op's contract, as _cpu_flash);
+        # found on the mask's own (broadcast) shape, not the expanded one
+        dead = torch.isneginf(bias)
+        if is_causal:
+            dead = dead | torch.ones(q.shape[2], k.shape[2], dtype=torch.bool,
+                                     device=q.device).triu(1)
+        dead = dead.all(-1)
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, True, 0.0, bool(is_causal), scale=scale)[:2]
+    lse = lse[..., :q.shape[2]].float()
+    if dead is not None and bool(dead.any()):
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead.expand(lse.shape), float("-inf"))
+    return out, lse
+
+
 def reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gqa, seed):
     """Returns (out in q.dtype, lse in float32)."""
     # (ATen's fused CPU kernel returns 0 for a query row holding a NaN, where SDPA's math path,
@@ -125,6 +168,14 @@ def reference_forward(q, k, v, attn_mask, is_causal, scale, dropout_p, enable_gq
             fused = _cpu_flash(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         except (RuntimeError, AttributeError):
             fused = None   # shapes or versions the fused kernel refuses: the math path below
+        if fused is not None:
+            return fused
+    if q.is_cuda and dropout_p == 0.0 and q.numel() and k.numel() and q.dtype in (
+            torch.float32, torch.float16, torch.bfloat16):
+        try:
+            fused = _cuda_efficient(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        except (RuntimeError, AttributeError):
+            fused = None   # inputs (alignment, sizes) the kernel refuses: the math path below
         if fused is not None:
             return fused
     out_dtype = q.dtype
