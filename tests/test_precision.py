@@ -435,3 +435,36 @@ def test_reference_path_on_cuda_matches_float64(kind, causal, gqa, monkeypatch):
     assert (lse[finite].double() - ref_lse[finite]).abs().max() < 1e-4
     if kind == "bool":
         assert out[..., 3, :].abs().max() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_runs_the_verified_rung_and_never_syncs():
+    """A site checked before capture replays its verified rung; a site first seen under capture
+    plans without measuring (no sync) and runs at the inputs' precision."""
+    q, k, v = (torch.randn(1, 4, 1024, 64, device="cuda") for _ in range(3))
+    warm = f"precision-test-{next(_SITE)}"
+    cold = f"precision-test-{next(_SITE)}"
+    opts = Options.parse(min_seq_len=0, policy="fast", rank="dense")
+    for site in (warm, cold):
+        op.register_site(site, opts)
+
+    def call(site):
+        return torch.ops.adaattn.attention(q, k, v, None, 0.0, False, None, False, site,
+                                           "fast", "auto")[0]
+    call(warm)   # plans (fp16: ranges fit) and checks
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(warm)   # (warm-up on the side stream, as torch.cuda.graph expects)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_warm = call(warm)
+        out_cold = call(cold)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, _ = reference_with_lse(q, k, v, None, False, 1 / 8)
+    assert rel_err(out_warm, ref) < 3e-3     # fp16
+    assert rel_err(out_cold, ref) < 1e-5     # fp32 (the reference path: no tf32)
+    rt = adaattn_compile.stats()
+    assert "fp16" in rt[warm]["precision"] and set(rt[cold]["precision"]) == {"fp32"}
