@@ -536,6 +536,8 @@ class Row:
     graphs: Optional[int] = None           # adaattn: graphs compiled (graph breaks + 1)
     decisions: Optional[str] = None        # adaattn: "12x triton/bf16/dense" (planned)
     kernels: Optional[str] = None          # adaattn: kernel calls at run time, "triton:120"
+    precisions: Optional[str] = None       # adaattn: calls per precision rung, "fp16:96,fp32:24"
+    precision_demotions: Optional[int] = None   # adaattn: rungs the sites' checks refused
     fallbacks: Optional[str] = None        # adaattn: why a kernel fell back, if it did
     params_m: Optional[float] = None
     layers: Optional[int] = None
@@ -776,6 +778,8 @@ def _summarise_stats(snapshot: Dict[str, Dict[str, Any]], site_ids) -> Dict[str,
     """Run-time counters (adaattn.stats()) of the sites this compile made: how many sites ran
     through the op, which kernels served the calls, why any fell back."""
     kernels: Counter = Counter()
+    precisions: Counter = Counter()
+    demotions = 0
     fallbacks: List[str] = []
     ran = 0
     for site, entry in snapshot.items():
@@ -784,11 +788,15 @@ def _summarise_stats(snapshot: Dict[str, Dict[str, Any]], site_ids) -> Dict[str,
         if entry.get("calls", 0) > 0:
             ran += 1
         kernels.update(entry.get("kernel", {}) or {})
+        precisions.update(entry.get("precision", {}) or {})
+        demotions += len(entry.get("precision_demotions", []) or [])
         for reason in entry.get("fallbacks", []) or []:
             if reason not in fallbacks:
                 fallbacks.append(reason)
     return {"sites": ran,
             "kernels": ", ".join(f"{k}:{n}" for k, n in kernels.most_common()) or "-",
+            "precisions": ", ".join(f"{k}:{n}" for k, n in precisions.most_common()) or "-",
+            "demotions": demotions,
             "fallbacks": "; ".join(fallbacks) or None}
 
 
@@ -957,6 +965,7 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
             summary = _summarise_decisions(records)
             used = _summarise_stats(adaattn_compile.stats(), summary["site_ids"])
             row.sites, row.kernels = used["sites"], used["kernels"]
+            row.precisions, row.precision_demotions = used["precisions"], used["demotions"]
             row.fallbacks = used["fallbacks"]
             row.sites_rewritten = summary["sites_rewritten"]
             row.sites_skipped = summary["sites_skipped"]

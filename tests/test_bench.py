@@ -119,6 +119,7 @@ def test_whole_run_writes_json_csv_table_and_plots(tmp_path, capsys):
         assert r["sites"] == r["sites_rewritten"] == r["layers"] == 2
         assert r["decisions"] == "2x reference/fp32/dense"
         assert r["kernels"].startswith("reference:") and r["graphs"] >= 1
+        assert r["precisions"].startswith("fp32:") and r["precision_demotions"] == 0
     assert all(r["sites"] is None for r in rows if r["compiler"] != "adaattn")
 
     with open(out / "results.csv") as f:
