@@ -13,7 +13,6 @@ what the fp32 -> 16-bit rung gains.
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -25,22 +24,12 @@ import adaattn_compile  # noqa: E402
 from adaattn_compile import op, precision  # noqa: E402
 from adaattn_compile.kernels import attn8  # noqa: E402
 from adaattn_compile.options import Options  # noqa: E402
+from attn_case import bench  # noqa: E402  (scripts/, on the path as this script's folder)
 
 
 def mean_ms(fn, calls=160, rounds=5):
-    for _ in range(3):
-        fn()
-    best = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best.append(start.elapsed_time(end) / calls)
-    return sorted(best)[len(best) // 2]
+    """Median over ``rounds`` of the mean time of ``calls`` back-to-back calls."""
+    return bench(fn, n=rounds, inner=calls)
 
 
 def op_call(site, options, q, k, v):
