@@ -147,7 +147,7 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
     info = op.device_info(q.device) if q.device.type != "meta" else op.planner.DeviceInfo("meta")
     chosen = op.planner.plan(info, problem, options)
     decision = Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
-                        chosen.reason, site_id)
+                        chosen.reason, site_id, chosen.precisions)
     if not dynamic and info.type == "cuda":
         gflops = op.planner.forward_flops(q.shape, k.shape[-2], m.causal) / 1e9
         # (torch's SDPA refuses an explicit mask together with is_causal=True: T5's decoder)
@@ -155,7 +155,8 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
             mask.dtype in (torch.bool, q.dtype) and not m.causal))
         why = op.planner.small_call(info, problem, options, gflops, sdpa_takes_it)
         if why is not None:
-            decision = Decision("sdpa", chosen.precision, "dense", chosen.guards, why, site_id)
+            decision = Decision("sdpa", chosen.precisions[-1], "dense", chosen.guards, why,
+                                site_id, chosen.precisions[-1:])
     return Site(
         id=site_id, graph=graph, pattern=m.pattern, location=m.location,
         q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
@@ -216,7 +217,7 @@ def _describe_mha(m, site_id: str, graph: str, options: Options, training: bool 
                 q_shape=shapes[0], k_shape=shapes[1], v_shape=shapes[2], dtype=dtype,
                 causal=m.causal, mask=m.mask, scale=None, dropout_p=m.dropout_p, gqa_groups=1,
                 decision=Decision(chosen.kernel, chosen.precision, chosen.rank, chosen.guards,
-                                  chosen.reason, site_id),
+                                  chosen.reason, site_id, chosen.precisions),
                 notes=("projections and mask merging stay torch's",),
                 dynamic=not all(isinstance(s, int) for s in (*m.q_shape, *m.k_shape)))
 

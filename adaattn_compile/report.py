@@ -16,6 +16,9 @@ class Decision:
     guards: Tuple[str, ...]
     reason: str
     site_id: str = ""
+    # the precision ladder (cheapest first, the inputs' own last); run-time checks may move a
+    # site up it: ``runtime()["precision"]`` counts the calls per rung actually used
+    precisions: Tuple[str, ...] = ()
 
     @property
     def measured_error(self) -> Optional[float]:

@@ -359,6 +359,7 @@ def test_explain_shows_the_ladder_and_the_run_time_precision(sm90):
             "fp16 instead of bf16 where the inputs' measured range fits") in text
     assert "precision checks=1 error: int8" in text
     assert rep.sites[0].decision.precision == "int8"
+    assert rep.sites[0].decision.precisions == ("int8", "bf16", "fp32")
 
 
 # ---------------------------------------------------------------------------------------------
