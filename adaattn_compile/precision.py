@@ -3,7 +3,7 @@ precision ladder (cheapest first, the inputs' own precision last), and every run
 last is checked on sampled query rows against float64.
 
 A (site, sequence bucket, dtype)'s rung is checked on the first call that runs it and every
-``CHECK_EVERY`` calls after; a check measuring a relative L2 error above the plan's tolerance
+``CHECK_EVERY`` (32) calls after; a check measuring a relative L2 error above the plan's tolerance
 demotes the site to the next rung up, and the call is run again there, so that a call's output
 is never one that failed its check. The check waits for the device (one small host sync per
 ``CHECK_EVERY`` calls); under CUDA-graph capture nothing waits: a captured call runs at the
@@ -17,12 +17,15 @@ from typing import Optional, Tuple
 
 import torch
 
-CHECK_EVERY = 16
+# (32: at 16 the checks cost 2.2-3.2 % of the 8-bit kernel's time at L = 4096, D = 128,
+# B = 4, H = 16 over five H100 runs, against the 3 % they may take)
+CHECK_EVERY = 32
 SAMPLED_ROWS = 32   # per (batch, head); spread over the sequence, moving from check to check
 # (batch, kv head) pairs a check reads, moving from check to check: converting every head's K
 # and V to float64 made a check cost 1.7 ms at B = 4, H = 16, L = 4096, D = 128 (H100): 4 %
 # of the 8-bit kernel's time over 16 calls, against the 3 % the checks may take
 MAX_KV_HEADS = 8
+_CHECK_BYTES = 64 * 2**20   # float64 K and V a check holds at once (long sequences: fewer heads)
 
 
 @dataclasses.dataclass
@@ -77,30 +80,41 @@ def sampled_error(q, k, v, out, attn_mask, is_causal: bool, scale: Optional[floa
         flat = torch.arange(B * Hk, device=q.device)
         heads = (flat // Hk, flat % Hk)
     b_idx, h_idx = heads
-    n = b_idx.numel()
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(D)
-    qs = q.unflatten(1, (Hk, groups))[b_idx, h_idx].index_select(2, rows).double()
-    scores = (qs.reshape(n, groups * n_rows, D) @ k[b_idx, h_idx].double().transpose(-1, -2)
-              ).reshape(n, groups, n_rows, Lk) * sm_scale
-    if attn_mask is not None:
-        mask = attn_mask
+    mask = attn_mask
+    if mask is not None:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
-        mask = mask.expand(B, Hq, mask.shape[2], Lk).unflatten(1, (Hk, groups))[b_idx, h_idx]
-        if mask.shape[2] != 1:
+        if mask.shape[2] != 1:   # the sampled rows first, on the mask's own (broadcast) shape
             mask = mask.index_select(2, rows)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, -math.inf)
-        else:
-            scores = scores + mask.double()
-    if is_causal:
-        keys = torch.arange(Lk, device=q.device)
-        scores = scores.masked_fill(rows[:, None] < keys[None, :], -math.inf)
-    weights = torch.softmax(scores, -1).nan_to_num_(0.0)   # fully masked rows: 0
-    ref = weights.reshape(n, groups * n_rows, Lk) @ v[b_idx, h_idx].double()
-    got = out.unflatten(1, (Hk, groups))[b_idx, h_idx].index_select(2, rows).double()
-    got = got.reshape(ref.shape)
-    diff, norm = torch.linalg.vector_norm(got - ref), torch.linalg.vector_norm(ref)
+        mask = mask.expand(B, Hq, mask.shape[2], Lk).unflatten(1, (Hk, groups))
+    # the sampled rows first (a small copy), then the sampled heads
+    q_rows = q.index_select(2, rows).unflatten(1, (Hk, groups))
+    out_rows = out.index_select(2, rows).unflatten(1, (Hk, groups))
+    # a few heads at a time: their K and V in float64 stay under _CHECK_BYTES
+    step = max(1, _CHECK_BYTES // (8 * Lk * (D + v.shape[-1])))
+    diff_sq = ref_sq = 0.0
+    for start in range(0, b_idx.numel(), step):
+        b, h = b_idx[start:start + step], h_idx[start:start + step]
+        n = b.numel()
+        qs = q_rows[b, h].double()
+        scores = (qs.reshape(n, groups * n_rows, D) @ k[b, h].double().transpose(-1, -2)
+                  ).reshape(n, groups, n_rows, Lk) * sm_scale
+        if mask is not None:
+            m = mask[b, h]
+            if m.dtype == torch.bool:
+                scores = scores.masked_fill(~m, -math.inf)
+            else:
+                scores = scores + m.double()
+        if is_causal:
+            keys = torch.arange(Lk, device=q.device)
+            scores = scores.masked_fill(rows[:, None] < keys[None, :], -math.inf)
+        weights = torch.softmax(scores, -1).nan_to_num_(0.0)   # fully masked rows: 0
+        ref = weights.reshape(n, groups * n_rows, Lk) @ v[b, h].double()
+        got = out_rows[b, h].double()
+        diff_sq = diff_sq + (got.reshape(ref.shape) - ref).square().sum()
+        ref_sq = ref_sq + ref.square().sum()
+    diff, norm = torch.sqrt(diff_sq), torch.sqrt(ref_sq)
     err = torch.where(norm > 0, diff / norm.clamp_min(1e-300), diff)
     err = float(err)   # (the sync)
     return err if math.isfinite(err) else math.inf

@@ -6,7 +6,8 @@ what the fp32 -> 16-bit rung gains.
 1. bf16, L = 4096, D = 128, B = 4, H = 16 (the DESIGN table's shape): the op with the 8-bit
    rung offered (``int8_min_seq_len=0``, policy ``fast``: the rung passes its checks on these
    inputs) against the 8-bit kernel called directly, both as the mean of 160 consecutive calls
-   (ten checks among them: a median would hide them), timed with device events.
+   (five checks among them, one every 32: a median would hide them), timed with device
+   events.
 2. fp32 inputs, the same shape: the op under ``balanced`` (fp16 rung) against ``exact`` (fp32
    or tf32, torch's setting) and torch's SDPA on the fp32 tensors; error against float64 on
    sampled rows.

@@ -36,7 +36,7 @@ rate on sm89 / sm90.
 Scope: CUDA (or the interpreter), fp16 / bf16 / fp32 inputs, head dims <= 256, GQA, top-left
 causal, bool / additive masks broadcastable to (B, H, Lq, Lk), no dropout. Inference only
 (the planner keeps sites whose gradients are taken off it). Through the op, a site's first
-call on this path and every 16th after are checked on sampled rows (``precision``).
+call on this path and every 32nd after are checked on sampled rows (``precision``).
 """
 from __future__ import annotations
 
