@@ -197,14 +197,16 @@ def _make_plan(opts, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa, train
                                               enable_gqa)
         if unsupported is None and wants_int8(opts):
             int8_why = int8_unsupported(q, k, v, attn_mask, dropout_p, enable_gqa)
+    device = device_info(q.device)
     if (q.dtype == torch.float32 and opts.precision in ("auto", "fp16") and opts.tolerance > 0
             and not training and min(q.shape[-2], k.shape[-2]) >= opts.min_seq_len
+            and device.type == "cuda"
             and not (q.is_cuda and torch.cuda.is_current_stream_capturing())):
         # fp16 is a rung only where the inputs' range fits it (one sync, once per plan; the
         # run-time checks measure it again). Not while a CUDA graph is captured (no sync may
         # run): the plan then offers bf16, which holds any fp32 range.
         amax = precision.measure_amax(q, k, v, scale)
-    return planner.plan(device_info(q.device),
+    return planner.plan(device,
                         problem_of(q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
                                    unsupported, lowrank_why, training, int8_why, amax), opts)
 
