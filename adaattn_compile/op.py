@@ -498,7 +498,8 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
                    scale)
     kernel_used = chosen.kernel
-    precision_used = chosen.precisions[-1] if chosen.precisions else chosen.precision
+    exact_precision = chosen.precisions[-1]   # (the planner's ladder ends with it)
+    precision_used = exact_precision
     result = None
     if q.numel() == 0 or k.shape[-2] == 0:   # nothing for a kernel to do (bucket 1 holds L=0)
         kernel_used = "reference"
@@ -537,7 +538,7 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     # (batch, head) pairs: the unit the rank choice is made for; those the low-rank path keeps
     # move from "dense" to "low-rank" when the call's check reaches the host
     if kernel_used == "reference":
-        precision_used = chosen.precisions[-1] if chosen.precisions else chosen.precision
+        precision_used = exact_precision
     stats.record_call(site, kernel_used, precision_used, "dense", math.prod(q.shape[:-2]))
     return out.contiguous(), lse.contiguous(), seed
 
