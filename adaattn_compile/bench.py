@@ -511,6 +511,10 @@ class Row:
     error: Optional[str] = None
     compile_s: Optional[float] = None
     first_call_s: Optional[float] = None
+    compile_pass_s: Optional[float] = None     # adaattn: our graph passes, in compile_s
+    compile_inner_s: Optional[float] = None    # adaattn: the inner (Inductor) compile, in it
+    prebuild_s: Optional[float] = None         # adaattn: kernel builds run alongside it
+    prebuild_wait_s: Optional[float] = None    # adaattn: ... and waited for after it
     ms_median: Optional[float] = None
     ms_min: Optional[float] = None
     host_ms: Optional[float] = None        # cuda: host time to issue one call (median)
@@ -970,6 +974,10 @@ def _measure(case: _Case, ref: _Reference, compiler: str, policy: Optional[str],
             row.sites_rewritten = summary["sites_rewritten"]
             row.sites_skipped = summary["sites_skipped"]
             row.graphs, row.decisions = summary["graphs"], summary["decisions"]
+            row.compile_pass_s = sum(r.pass_seconds for r in records)
+            row.compile_inner_s = sum(r.inner_seconds for r in records)
+            row.prebuild_s = sum(r.prebuild_seconds for r in records)
+            row.prebuild_wait_s = sum(r.prebuild_wait_seconds for r in records)
             if summary["pass_errors"]:
                 row.note = (row.note + "; " if row.note else "") + "pass failed on a graph: " + \
                     summary["pass_errors"][0][:200]

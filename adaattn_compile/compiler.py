@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import mask_proofs, op
+from . import mask_proofs, op, prebuild
 from .passes import mha
 from .options import Options
 from .passes.graph_utils import hint, location, meta
@@ -267,6 +267,7 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
         targets = list(_recorders) + ([recorder] if recorder is not None else [])
     for target in targets:
         target.append(record)
+    building = _start_prebuild(gm, record, name)
     start = time.perf_counter()
     try:
         compiled = inner_compile(gm, example_inputs, options.inner)
@@ -286,8 +287,28 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
         gm.recompile()
         record.code_after = gm.code
         compiled = inner_compile(gm, example_inputs, options.inner)
-    record.inner_seconds = time.perf_counter() - start
+    finally:
+        record.inner_seconds = time.perf_counter() - start
+        if building is not None:
+            # (joined before the first call: it must not build a kernel a second time, nor
+            # time an autotune candidate while the model runs; no variant starts from here)
+            record.prebuild_wait_seconds = building.wait()
+            record.prebuilt = len(building.seconds)
+            record.prebuild_seconds = sum(building.seconds.values())
+            record.prebuild_errors = list(building.errors.values())
     return compiled
+
+
+def _start_prebuild(gm: fx.GraphModule, record: GraphRecord, name: str):
+    """Start building the kernels of ``record``'s sites on threads (see prebuild.py)."""
+    if not record.sites:
+        return None
+    try:
+        jobs = prebuild.jobs_for(gm, {s.id: s.decision for s in record.sites})
+        return prebuild.start(name, jobs)
+    except Exception as exc:   # (an optimisation only: the first call builds what it needs)
+        log.debug("adaattn: %s: no prebuild (%s: %s)", name, type(exc).__name__, exc)
+        return None
 
 
 def adaattn_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):

@@ -80,6 +80,24 @@ def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
     return mask.dtype == torch.bool or mask.is_floating_point()
 
 
+def run_time_variants(mask: torch.Tensor, lq: int, lk: int,
+                      flops: float) -> Tuple[Tuple[bool, bool], ...]:
+    """What else than as written a call with ``mask`` may run as once its check has proven
+    the mask, from the mask's shape and dtype alone (a fake tensor will do): (key mask kept,
+    is_causal) pairs, none for a mask :func:`check` would not read. A key mask may prove empty;
+    a square one causal or empty (causal AND a key mask, a padded batch, is left out: its key
+    mask is another tensor). For building kernels ahead of the first call (prebuild.py)."""
+    if (not enabled() or lq < MIN_LEN or mask.dim() < 2 or flops < MIN_GFLOPS * 1e9
+            or mask.requires_grad
+            or not (mask.dtype == torch.bool or mask.is_floating_point())):
+        return ()
+    if _is_key_mask(mask, lq, lk):
+        return ((False, False),)
+    if lq == lk and tuple(mask.shape[-2:]) == (lq, lk):
+        return ((False, True), (False, False))
+    return ()
+
+
 def _first_row_allows(mask: torch.Tensor) -> bool:
     """Whether the first query row of every (batch, head) could belong to a provable mask: it
     keeps every key ('none') or no key but the first (causal, causal AND a key mask), and an

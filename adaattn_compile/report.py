@@ -70,6 +70,12 @@ class GraphRecord:
     error: Optional[str] = None
     pass_seconds: float = 0.0
     inner_seconds: float = 0.0
+    # kernels built on a thread during the inner compile (see prebuild.py): the jobs built,
+    # their seconds, the seconds the compile waited for them after its own work, failures
+    prebuilt: int = 0
+    prebuild_seconds: float = 0.0
+    prebuild_wait_seconds: float = 0.0
+    prebuild_errors: List[str] = dataclasses.field(default_factory=list)
 
 
 def _fmt_shape(shape) -> str:
@@ -167,8 +173,16 @@ class Report:
 
     def __str__(self) -> str:
         out = [self.summary(), f"options: {self.options.describe()}"]
-        out.append(f"pass time {self.pass_seconds * 1e3:.1f} ms, inner compile "
-                   f"{self.inner_seconds * 1e3:.1f} ms")
+        times = (f"pass time {self.pass_seconds * 1e3:.1f} ms, inner compile "
+                 f"{self.inner_seconds * 1e3:.1f} ms")
+        prebuilt = sum(g.prebuilt for g in self.graphs)
+        errors = [e for g in self.graphs for e in g.prebuild_errors]
+        if prebuilt or errors:
+            times += (f", {prebuilt} kernel call(s) prebuilt alongside it "
+                      f"({sum(g.prebuild_seconds for g in self.graphs):.2f} s, "
+                      f"{sum(g.prebuild_wait_seconds for g in self.graphs):.2f} s waited after it"
+                      + (f"; {len(errors)} failed: {errors[0]}" if errors else "") + ")")
+        out.append(times)
         if self.sites:
             out += ["", "Sites", self.format_sites()]
         if self.skipped or self.failures:

@@ -1010,19 +1010,57 @@ def _config_override(kind):
     return tuple(tuple(int(x) for x in c.split(",")) for c in txt.split(";") if c.strip())
 
 
-def _tuned(kind, bd, dtype, device):
+# Forward calls below this many FLOPs are not autotuned: they take the candidate whose grid
+# fills the GPU best (:func:`_grid_filling_config`). Timing the candidates means compiling all
+# of them first, and that is the bulk of a model's first-call time: t5-small's two small
+# sites (decoder self-attention 512 x 512, cross-attention 512 x 4096, 0.5 and 4.3 GFLOP)
+# compiled 5 candidates each, 26-37 CPU-seconds on the H100 machine (scripts/compile_time.py),
+# for kernels of 10-40 us a call.
+_TUNE_MIN_FLOPS = 8e9
+
+
+def _small_call(q, k, causal):
+    """(Lq, B * Hq) of a forward call too small to autotune, else None."""
+    if _fwd_flops(q, k, causal) >= _TUNE_MIN_FLOPS:
+        return None
+    return q.shape[2], q.shape[0] * q.shape[1]
+
+
+def _grid_filling_config(cfgs, small, device) -> int:
+    """Index of the first candidate (the lists are in order of preference) whose grid of
+    (query blocks x rows) programs covers every SM; else of the one with the most programs."""
+    lq, rows = small
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    programs = [triton.cdiv(lq, c.kwargs["BLOCK_M"]) * rows for c in cfgs]
+    for i, n in enumerate(programs):
+        if n >= sms:
+            return i
+    return max(range(len(cfgs)), key=lambda i: (programs[i], -i))
+
+
+def _tuned(kind, bd, dtype, device, small=None):
+    """The autotuned kernel ``kind`` for head-dim bucket ``bd``. ``small`` (from
+    :func:`_small_call`): one candidate, picked without timing."""
     cap = _capability(device)
     tune = _autotune_enabled()
     override = None if _INTERPRET else _config_override(kind)
     if kind == "dkdv_rest":   # (its config follows the first pass's candidates: in the key)
         override = _rest_config(_bucket(bd, dtype), cap)
-    key = (kind, _bucket(bd, dtype), cap, tune, override)
+    cfgs = pick = None
+    if small is not None and tune and not _INTERPRET and device.type == "cuda":
+        cfgs = _configs(kind, _bucket(bd, dtype), cap, override)
+        pick = _grid_filling_config(cfgs, small, device)
+    key = (kind, _bucket(bd, dtype), cap, tune, override, pick)
     fn = _TUNED.get(key)
     if fn is None:
-        cfgs = _configs(kind, key[1], cap, override)
+        cfgs = cfgs or _configs(kind, key[1], cap, override)
+        if pick is not None:
+            cfgs = [cfgs[pick]]
+        elif not tune:
+            cfgs = cfgs[:1]
         extra = {"cache_results": True} if _AUTOTUNE_DISK_CACHE else {}
-        fn = triton.autotune(configs=cfgs if tune else cfgs[:1],
-                             key=_KEY + _KEY_EXTRA.get(kind, []), **extra)(_KERNELS[kind])
+        fn = triton.autotune(configs=cfgs, key=_KEY + _KEY_EXTRA.get(kind, []),
+                             **extra)(_KERNELS[kind])
         if type(fn) is _Autotuner:
             fn.__class__ = _ParallelCompileAutotuner
         _TUNED[key] = fn
@@ -1283,7 +1321,7 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
                     warnings.warn(f"flash_forward: tensor-descriptor kernel (warp_specialize="
                                   f"{ws_try}) failed to build or launch ({type(e).__name__}: "
                                   f"{str(e)[:200]}); falling back")
-        fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device)
+        fn = _tuned("fwd", max(BD, BDV), q.dtype, q.device, _small_call(q, k, is_causal))
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
         args = (q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *ms,
                 *out.stride(), *lse.stride(), *tail)
@@ -1460,7 +1498,8 @@ def _launch_fwd_tma(q, k, v, mask, ms, out, lse, tail, inv_hi, inv_lo, consts, w
     dq = _TensorDescriptor(q, list(q.shape), flash_hopper.tma_strides(q), [1, 1, 16, BD])
     dk = _TensorDescriptor(k, list(k.shape), flash_hopper.tma_strides(k), [1, 1, 16, BD])
     dv = _TensorDescriptor(v, list(v.shape), flash_hopper.tma_strides(v), [1, 1, 16, BDV])
-    fn = _tuned("fwd_tma", max(BD, BDV), q.dtype, q.device)
+    fn = _tuned("fwd_tma", max(BD, BDV), q.dtype, q.device,
+                _small_call(q, k, consts["CAUSAL"]))
     fn[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
         dq, dk, dv, mask, out, lse, *ms, *out.stride(), *lse.stride(), *tail,
         inv_hi=inv_hi, inv_lo=inv_lo, WARP_SPEC=ws, **consts)
