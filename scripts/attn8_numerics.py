@@ -8,8 +8,9 @@ signs: smoothing cannot remove them); "key bias": four key channels with a bias 
 Q·Kᵀ choices (P·V exact): INT8 with one scale per 128-row block, INT8 per token, FP8 e4m3 per
 block, each with and without the Hadamard rotation; K smoothed (its mean subtracted) in all.
 P·V choices (Q·Kᵀ exact): e4m3 P and V (per-channel V scale), INT8 P on 128 levels, INT8 P on
-255 levels (offset by 127) with INT8 V per block and channel (the kernel's choice). P is taken
-relative to the running max of 128-key blocks, as the online softmax sees it.
+255 levels (offset by 127) with INT8 V per block and channel. P is taken relative to the
+running max of 128-key blocks, as the online softmax sees it, or (the kernel's choice) rounded
+relative to each tile row's own max and scaled back.
 """
 import argparse
 import math
@@ -60,7 +61,9 @@ def qk_error(q, k, v, quant, rotate):
     return rel(torch.softmax(quant(qs) @ quant(ks).transpose(-1, -2), -1) @ v, ref)
 
 
-def pv_error(q, k, v, p_quant, v_quant, block=128):
+def pv_error(q, k, v, p_quant, v_quant, block=128, tile_max=False):
+    """``tile_max``: P rounded relative to each tile row's own max (then scaled back), not
+    relative to the running max."""
     b, h, n, d = q.shape
     s = q @ k.transpose(-1, -2) / math.sqrt(d)
     ref = torch.softmax(s, -1) @ v
@@ -68,7 +71,11 @@ def pv_error(q, k, v, p_quant, v_quant, block=128):
     running = sb.amax(-1).cummax(-1).values            # the online softmax's running max
     p = torch.exp(sb - running[..., None])
     rescale = torch.exp(running - running[..., -1:])[..., None]
-    pq = p_quant(p)
+    if tile_max:
+        top = p.amax(-1, keepdim=True)
+        pq = p_quant(p / top) * top
+    else:
+        pq = p_quant(p)
     vq = v_quant(v).reshape(b, h, n // block, block, -1)
     out = torch.einsum("bhlnk,bhnkd->bhld", pq * rescale, vq)
     return rel(out / (pq * rescale).sum((-1, -2))[..., None], ref)
@@ -107,13 +114,15 @@ def main():
             label = f"{name}{' + rotation' if rotate else ''}"
             print(f"{label:30s}" + "".join(f"{e:12.2e}" for e in errors), flush=True)
     print("P·V (Q·Kᵀ exact)")
-    for label, p_quant, v_quant in (
-            ("e4m3 P, e4m3 V per channel", lambda p: p.to(F8).double(), v_fp8_channel),
+    p255 = lambda p: torch.round(p * 254) / 254   # noqa: E731
+    for label, p_quant, v_quant, tile_max in (
+            ("e4m3 P, e4m3 V per channel", lambda p: p.to(F8).double(), v_fp8_channel, False),
             ("INT8 P (128 levels), INT8 V", lambda p: torch.round(p * 127) / 127,
-             v_int8_block_channel),
-            ("INT8 P (255 levels), INT8 V", lambda p: torch.round(p * 254) / 254,
-             v_int8_block_channel)):
-        errors = [pv_error(q, kk, v, p_quant, v_quant) for kk in inputs.values()]
+             v_int8_block_channel, False),
+            ("INT8 P (255 levels), INT8 V", p255, v_int8_block_channel, False),
+            ("... P per tile row's max", p255, v_int8_block_channel, True)):
+        errors = [pv_error(q, kk, v, p_quant, v_quant, tile_max=tile_max)
+                  for kk in inputs.values()]
         print(f"{label:30s}" + "".join(f"{e:12.2e}" for e in errors), flush=True)
 
 

@@ -184,6 +184,24 @@ def test_int8_kernel_outlier_key_channels_and_zero_rows():
     assert rel_err(out[..., 5, :], ref[..., 5, :]) < 3e-2
 
 
+@pytest.mark.parametrize("boost", [5.0, 8.0])
+def test_int8_p_keeps_its_levels_in_tiles_below_the_running_max(boost):
+    """The first key scores ``boost`` above the rest (natural-log units): every later key tile
+    sits far below the running max. P is rounded relative to each tile row's own max, so those
+    tiles keep all 255 levels; relative to the running max they had e^-boost of them (the
+    interpreter's 32-key tiles: 4.8e-2 and 8.3e-2 that way, 1.2e-2 and 1.1e-2 now)."""
+    torch.manual_seed(7)
+    q = torch.randn(1, 2, 128, 32, device=DEV)
+    k = torch.randn(1, 2, 256, 32, device=DEV)
+    v = torch.randn(1, 2, 256, 32, device=DEV)
+    bias = torch.zeros(1, 1, 1, 256, device=DEV)
+    bias[..., 0] = boost
+    out, lse = attn8.forward(q, k, v, bias, False)
+    ref, ref_lse = reference_with_lse(q, k, v, bias.expand(1, 2, 128, 256), False, 32 ** -0.5)
+    assert rel_err(out, ref) < 2e-2
+    assert (lse.double() - ref_lse).abs().max() < 5e-2
+
+
 def test_quantise_roundtrip_and_k_smoothing():
     """The pre-pass's tensors rebuild Q R and (K - mean of the first keys) R within int8's
     rounding; V's per-block scales rebuild V."""
