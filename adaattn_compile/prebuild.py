@@ -55,6 +55,9 @@ MAX_JOB_BYTES = 2 << 30
 # autotuned one times its candidates: another job's launch may overlap that timing (one
 # kernel of a few ms against 5 x ~100 ms of timing).
 WORKERS = 4
+# The Triton interpreter keeps a launch's grid in process-wide state: two kernels interpreted
+# at once fail ("y >= grid_dim[1]"), so there the jobs run one at a time.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Devices whose sites get jobs. Not "cpu": there our kernels run under the Triton interpreter,
 # which compiles nothing (tests add it to check that a job makes the first call's call).
@@ -194,7 +197,7 @@ class Prebuild:
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._work, daemon=True,
                                          name=f"adaattn-prebuild-{name}-{i}")
-                        for i in range(min(WORKERS, len(jobs)))]
+                        for i in range(min(1 if _INTERPRET else WORKERS, len(jobs)))]
 
     def _next(self) -> Optional[Job]:
         with self._lock:

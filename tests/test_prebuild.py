@@ -197,6 +197,7 @@ def test_the_compile_waits_for_the_thread(monkeypatch):
     """The graph is handed back only once its jobs are done (none still building during the
     first call), and the wait is what the jobs took beyond the inner compile."""
     monkeypatch.setattr(prebuild, "DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(prebuild, "_INTERPRET", False)   # (no kernel runs: several workers)
     finished = []
 
     def slow(job):
@@ -366,3 +367,40 @@ def test_only_calls_below_the_bar_skip_autotuning():
     assert flash._small_call(big, k, False) is None             # 34 GFLOP
     assert flash._small_call(big, k, True) is None              # 17 GFLOP causal
     assert flash._fwd_flops(big, k, True) * 2 == flash._fwd_flops(big, k, False)
+
+
+def test_one_worker_under_the_interpreter(monkeypatch):
+    """Two kernels interpreted at once corrupt each other's grid (the interpreter's state is
+    process-wide): there the jobs run one at a time; compiled, on up to WORKERS threads."""
+    spec = prebuild.TensorSpec((1, 1, 8, 16), (128, 128, 16, 1), torch.float32)
+    jobs = [prebuild.Job("cpu", spec, spec, spec, None, causal, None, False)
+            for causal in (False, True)]
+    monkeypatch.setattr(prebuild, "_INTERPRET", True)
+    assert len(prebuild.Prebuild("g", jobs).threads) == 1
+    monkeypatch.setattr(prebuild, "_INTERPRET", False)
+    assert len(prebuild.Prebuild("g", jobs).threads) == 2
+
+
+def test_an_autotuner_runs_one_call_at_a_time(monkeypatch):
+    """Kernel builds run on threads: an autotuner keeps a call's arguments on itself while it
+    tunes (the descriptor kernels' pre-hooks read them), so its calls are serialised."""
+    from adaattn_compile.kernels import flash
+    fn = flash._tuned("fwd", 64, torch.float32, torch.device("cpu"))
+    assert isinstance(fn, flash._ParallelCompileAutotuner)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_run(self, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        with lock:
+            inside[0] -= 1
+    monkeypatch.setattr(flash._Autotuner, "run", slow_run)
+    threads = [threading.Thread(target=fn.run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1

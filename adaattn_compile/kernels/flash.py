@@ -50,6 +50,7 @@ import functools
 import inspect
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -1081,6 +1082,14 @@ class _ParallelCompileAutotuner(_Autotuner):
     about the slowest one's compile instead of their sum: the first call of each kernel
     specialisation, i.e. part of ``torch.compile``'s first-call time. Nothing changes where
     the choice comes from triton's disk cache (no timing, so nothing is compiled here)."""
+
+    def run(self, *args, **kwargs):
+        # One call at a time per autotuner: a call keeps its arguments on the autotuner while
+        # it tunes (``nargs``, read by the descriptor kernels' pre-hooks, and the candidates
+        # to compile below), and kernel builds run on threads (prebuild.py) as user threads
+        # may. (Its launches after the first go through launch.py, not through here.)
+        with self.__dict__.setdefault("_run_lock", threading.Lock()):
+            return super().run(*args, **kwargs)
 
     def prune_configs(self, kwargs):
         configs = super().prune_configs(kwargs)
