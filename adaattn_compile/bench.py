@@ -366,6 +366,8 @@ PRESETS: Dict[str, List[Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[str, ...]]
         (("gpt", "llama-eager"), (4096,), ("train",)),
         (("gpt", "llama-eager"), (2048,), ("infer",)),
         (("minilm",), (512,), ("infer",)),    # skipped (recorded) where the weights are absent
+        # the sweep's ends: the 512 to 16k
+        (("gpt", "llama-eager"), (512, 16384), ("infer",)),
     ],
     # the same shape of run on CPU in a few seconds (tiny models): a smoke test of the plan
     "smoke": [

@@ -73,6 +73,9 @@ def test_plan_expands_groups_lengths_modes_and_policies():
     assert configs[0] == bench.Config("gpt", 4096, 1, "infer")
     assert bench.Config("llama-eager", 4096, 1, "train") in configs
     assert bench.Config("llama-eager", 8192, 1, "infer") in configs
+    assert {c.seq for c in configs if c.model == "gpt" and c.mode == "infer"} == \
+        {512, 1024, 2048, 4096, 8192, 16384}   # the issue's 512 to 16k
+    assert configs[-1] == bench.Config("llama-eager", 16384, 1, "infer")
     assert {c.model for c in configs if c.seq == 4096 and c.mode == "infer"} == \
         set(bench.GROUPS["default"])
 
@@ -85,7 +88,7 @@ def test_list_and_dry_run(capsys):
         assert name in out
     assert main(["bench", "--preset", "issue6", "--device", "cpu", "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert "16 config(s) x 3 compiler run(s) = 48 runs, 32 compiles" in captured.err
+    assert "20 config(s) x 3 compiler run(s) = 60 runs, 40 compiles" in captured.err
     assert "  1. gpt L=4096 B=1 infer: eager, stock, adaattn[exact]" in captured.out
 
 
