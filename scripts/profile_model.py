@@ -3,8 +3,9 @@
     python3 scripts/profile_model.py --model llama-sdpa --seq 4096 [--layers 4] [--top 25]
 
 Builds the benchmark registry's model (bf16, batch 1, inference), compiles it both ways, and
-for each prints the wall time of one forward, the GPU time summed over kernels (their gap is
-host time the GPU waited for) and the kernels sorted by GPU time. Written to diagnose models
+for each prints the wall time of one forward, its host time and the device syncs one forward
+makes (torch's sync debug mode), the GPU time summed over kernels (their gap is host time the
+GPU waited for) and the kernels sorted by GPU time. Written to diagnose models
 where adaattn is slower than stock (issue 6's "SDPA models >= 1.0x").
 """
 import argparse
@@ -13,6 +14,7 @@ import io
 import pstats
 import statistics
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +29,31 @@ def timed(step, n=10):
         step()
     torch.cuda.synchronize()
     return statistics.median(time_calls(step, n, "cuda"))
+
+
+def host_and_syncs(step, n=10):
+    """(median host ms of a call: from the call until it returns, kernels still queued; the
+    device syncs one call makes, as torch's sync debug mode reports them). A host time close
+    to the call's time means the host set the pace, or that the call waited on the GPU: the
+    syncs tell which."""
+    host = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught
+             if "synchroniz" in str(w.message).lower()]
+    return statistics.median(host), syncs
 
 
 def kernel_table(step, top):
@@ -79,6 +106,9 @@ def main():
         torch.cuda.synchronize()
         print(f"== {args.model} L={args.seq} {name}: first call {time.perf_counter() - t0:.1f} s, "
               f"median {timed(step):.3f} ms", flush=True)
+        host, syncs = host_and_syncs(step)
+        print(f"  host time per call {host:.3f} ms; device syncs in one call: {len(syncs)}"
+              + "".join(f"\n    {m}" for m in syncs[:8]), flush=True)
         if name == "adaattn":
             print("  ", adaattn_compile.stats(), flush=True)
         print(kernel_table(step, args.top), flush=True)
