@@ -19,7 +19,8 @@ the kernels read as a vector per tile.
 Only masks of shape (.., L, L) with L >= MIN_LEN are checked (there a causal skip halves the
 work), and key masks (.., 1, Lk) at Lq >= MIN_LEN, proven empty when they keep every key (HF's
 padding mask of a batch without padding: without it the kernels read no mask, and the
-low-rank path, which takes none, is open); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
+low-rank path, which takes none, is open; the op asks only where that changes the call, see
+``op._key_mask_worth_proving``); never during CUDA graph capture (no sync allowed there) nor for inference-mode tensors
 (they keep no version counter).
 
 A mask built anew every call (T5's position bias, a padding mask) is a new tensor every call,
@@ -80,19 +81,21 @@ def _checkable(mask: torch.Tensor, lq: int, lk: int) -> bool:
     return mask.dtype == torch.bool or mask.is_floating_point()
 
 
-def run_time_variants(mask: torch.Tensor, lq: int, lk: int,
-                      flops: float) -> Tuple[Tuple[bool, bool], ...]:
+def run_time_variants(mask: torch.Tensor, lq: int, lk: int, flops: float,
+                      key_masks: bool = True) -> Tuple[Tuple[bool, bool], ...]:
     """What else than as written a call with ``mask`` may run as once its check has proven
     the mask, from the mask's shape and dtype alone (a fake tensor will do): (key mask kept,
-    is_causal) pairs, none for a mask :func:`check` would not read. A key mask may prove empty;
-    a square one causal or empty (causal AND a key mask, a padded batch, is left out: its key
-    mask is another tensor). For building kernels ahead of the first call (prebuild.py)."""
+    is_causal) pairs, none for a mask :func:`check` would not read. A key mask may prove empty
+    (``key_masks``: whether the op checks this site's key masks; it does where the proof
+    opens the low-rank path or gradients follow); a square one causal or empty (causal AND a
+    key mask, a padded batch, is left out: its key mask is another tensor). For building
+    kernels ahead of the first call (prebuild.py)."""
     if (not enabled() or lq < MIN_LEN or mask.dim() < 2 or flops < MIN_GFLOPS * 1e9
             or mask.requires_grad
             or not (mask.dtype == torch.bool or mask.is_floating_point())):
         return ()
     if _is_key_mask(mask, lq, lk):
-        return ((False, False),)
+        return ((False, False),) if key_masks else ()
     if lq == lk and tuple(mask.shape[-2:]) == (lq, lk):
         return ((False, True), (False, False))
     return ()

@@ -100,6 +100,7 @@ class Job:
     is_causal: bool
     scale: Optional[float]
     enable_gqa: bool
+    out_blhd: bool = False      # out in (B, L, H, D) memory (the op's ``out_blhd``)
     sites: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
     # a call the sites make only if their mask is proven at run time (mask_proofs.py)
     variant: bool = dataclasses.field(default=False, compare=False, hash=False)
@@ -133,6 +134,7 @@ def jobs_for(gm: fx.GraphModule, decisions: Dict[str, object],
     jobs: Dict[Job, List[str]] = {}
     proven: Dict[Job, List[str]] = {}   # calls a mask proof may make instead
     target = torch.ops.adaattn.attention.default
+    from .op import _training_sites as op_training_sites
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not target:
             continue
@@ -154,15 +156,19 @@ def jobs_for(gm: fx.GraphModule, decisions: Dict[str, object],
             continue   # (a scale computed in the graph: a symbolic value)
         job = Job(str(fq.device), TensorSpec.of(fq), TensorSpec.of(fk), TensorSpec.of(fv),
                   TensorSpec.of(fmask) if fmask is not None else None, bool(is_causal),
-                  None if scale is None else float(scale), bool(enable_gqa))
+                  None if scale is None else float(scale), bool(enable_gqa),
+                  bool(node.kwargs.get("out_blhd", False)))
         jobs.setdefault(job, []).append(site)
         if fmask is not None and not is_causal:
             # the call as its mask's run-time proof may turn it (mask_proofs.py): built after
             # every call as written, and only while the inner compile still runs (a variant
             # the sites never make would otherwise cost the compile its build time)
             flops = planner.forward_flops(fq.shape, fk.shape[-2])
+            # (a dense site's key mask is checked only where gradients follow: see
+            # op._key_mask_worth_proving)
+            key_masks = site in op_training_sites
             for keep, causal in mask_proofs.run_time_variants(fmask, fq.shape[-2],
-                                                              fk.shape[-2], flops):
+                                                              fk.shape[-2], flops, key_masks):
                 variant = dataclasses.replace(job, mask=job.mask if keep else None,
                                               is_causal=causal)
                 proven.setdefault(variant, []).append(site)
@@ -180,7 +186,8 @@ def run_job(job: Job) -> float:
     with torch.no_grad():
         q, k, v = job.q.zeros(device), job.k.zeros(device), job.v.zeros(device)
         mask = job.mask.zeros(device) if job.mask is not None else None
-        op._flash_forward(q, k, v, mask, job.is_causal, job.scale, job.enable_gqa)
+        op._flash_forward(q, k, v, mask, job.is_causal, job.scale, job.enable_gqa,
+                          out_blhd=job.out_blhd)
     return time.perf_counter() - t0
 
 

@@ -116,10 +116,12 @@ def spy(monkeypatch):
     calls = []
     real = op._flash_forward
 
-    def watched(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward=None):
+    def watched(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward=None,
+                out_blhd=False):
         calls.append((threading.current_thread().name,
-                      _signature(q, k, v, attn_mask, is_causal, scale, enable_gqa)))
-        return real(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward)
+                      (*_signature(q, k, v, attn_mask, is_causal, scale, enable_gqa),
+                       out_blhd)))
+        return real(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward, out_blhd)
     monkeypatch.setattr(op, "_flash_forward", watched)
     return calls
 
@@ -225,7 +227,7 @@ def _masked(q, k, v, mask):
 
 @pytest.mark.parametrize("mask_shape, variants", [
     ((1, 1, 32, 32), [(None, True), (None, False)]),   # square: proven causal, or empty
-    ((2, 1, 1, 32), [(None, False)]),                  # a key mask: proven empty
+    ((2, 1, 1, 32), []),            # a key mask: not checked at a dense inference site
     ((2, 2, 32, 32), [(None, True), (None, False)]),
     ((1, 1, 32, 1), []),                               # (per-query: not checked at run time)
 ])
@@ -244,6 +246,19 @@ def test_masks_the_op_may_prove_add_variant_jobs_after_the_calls_as_written(
     assert all(j.variant and j.sites == jobs[0].sites for j in jobs[1:])
     monkeypatch.setenv("ADAATTN_RUN_TIME_MASKS", "0")    # no run-time proofs: no variants
     assert len(prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))) == 1
+
+
+def test_a_key_mask_proven_empty_is_a_variant_where_gradients_follow(monkeypatch):
+    from adaattn_compile import mask_proofs, op
+    monkeypatch.setattr(mask_proofs, "MIN_LEN", 16)
+    monkeypatch.setattr(mask_proofs, "MIN_GFLOPS", 0.0)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 32, 16, generator=g) for _ in range(3))
+    mask = torch.randn(2, 1, 1, 32, generator=g)
+    gm, record = _rewritten(_masked, (q, k, v, mask), {"policy": "exact", **TRITON})
+    monkeypatch.setattr(op, "_training_sites", {s.id for s in record.sites})
+    jobs = prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))
+    assert [(j.mask, j.is_causal, j.variant) for j in jobs[1:]] == [(None, False, True)]
 
 
 def test_variants_start_only_while_the_inner_compile_runs(monkeypatch):

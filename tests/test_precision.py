@@ -402,10 +402,11 @@ def test_int8_kernel_bf16_real_sizes(inputs, causal):
     # (against float64 of the bf16 inputs: the kernel's error, not the inputs' rounding)
     ref, ref_lse = reference_with_lse(q, k, v, None, causal, 1 / math.sqrt(128))
     o, r = out.double().flatten(), ref.flatten()
-    limit = 5e-2 if inputs == "outlier keys" else 3e-2
-    assert rel_err(out, ref) < limit
-    assert torch.nn.functional.cosine_similarity(o, r, dim=0) > 1 - limit ** 2 / 2
-    # (outlier keys: scores reach ~20, and 8-bit products err in proportion: 2.5e-2 measured)
+    # (issue 4's bar on (a) and (b); outlier keys measured 2.39e-2, cosine 0.99972 on the
+    # H100 once P was rounded per tile row, 4.3e-2 before)
+    assert rel_err(out, ref) < 3e-2
+    assert torch.nn.functional.cosine_similarity(o, r, dim=0) > 0.9995
+    # (outlier keys: scores reach ~20, and 8-bit products err in proportion)
     lse_limit = 4e-2 if inputs == "outlier keys" else 2e-2
     assert ((lse.double() - ref_lse).abs() / (1 + ref_lse.abs())).max() < lse_limit
 

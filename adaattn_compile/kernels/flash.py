@@ -1240,7 +1240,17 @@ def _check_lengths(Lq, Lk):
         raise ValueError("sequence too long for the flash kernel")
 
 
-def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
+def _new_out(shape, like, blhd):
+    """Out of (B, H, L, D) ``shape`` in ``like``'s dtype and device: contiguous, or with
+    ``blhd`` a (B, H, L, D) view of (B, L, H, D) memory (the kernels write through out's
+    strides)."""
+    if blhd:
+        b, h, n, d = shape
+        return torch.empty((b, n, h, d), device=like.device, dtype=like.dtype).transpose(1, 2)
+    return torch.empty(shape, device=like.device, dtype=like.dtype)
+
+
+def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd=False):
     """Flash attention forward.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), ``Hq % Hkv == 0`` (GQA/MQA: query
@@ -1248,7 +1258,8 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     (added to the scaled scores), broadcastable to (B, Hq, Lq, Lk). is_causal: top-left aligned
     (query i attends keys j <= i). scale: None -> 1/sqrt(D).
 
-    Returns ``(out, lse)``: out (B, Hq, Lq, Dv) contiguous in q.dtype; lse (B, Hq, Lq) float32,
+    Returns ``(out, lse)``: out (B, Hq, Lq, Dv) in q.dtype, contiguous (``out_blhd``: a view of
+    (B, Lq, Hq, Dv) memory, the layout the heads' next op wants); lse (B, Hq, Lq) float32,
     the natural-log log-sum-exp of the scaled + masked scores of each row. Fully masked rows
     (every key masked) give out = 0 and lse = -inf, like the math path of
     ``F.scaled_dot_product_attention`` in torch >= 2.5.
@@ -1256,10 +1267,12 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     global _FAST_FWD_ON
     signature = None
     if _FAST_FWD_ON:
-        signature = _fwd_signature(q, k, v, attn_mask, is_causal, scale)
+        signature = _fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd)
         fast = _FAST_FWD.get(signature)
         if fast is not None:
             out = torch.empty(fast.out_shape, device=q.device, dtype=q.dtype)
+            if out_blhd:
+                out = out.transpose(1, 2)
             lse = torch.empty(fast.lse_shape, device=q.device, dtype=torch.float32)
             if attn_mask is None:
                 mask = fast.no_mask
@@ -1285,7 +1298,7 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     _check_lengths(Lq, Lk)
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
+    out = _new_out((B, Hq, Lq, Dv), q, out_blhd)
     lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
     mask, ms, has_mask, is_bool, rb, cb = _prep_mask(attn_mask, (B, Hq, Lq, Lk), q.device)
 
@@ -1375,7 +1388,7 @@ except AttributeError:  # pragma: no cover - another platform's os.environ
     _ENVIRON, _SWITCH_KEYS = os.environ, _FWD_SWITCHES
 
 
-def _fwd_signature(q, k, v, attn_mask, is_causal, scale):
+def _fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd=False):
     mask = None if attn_mask is None else (
         attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device,
         attn_mask.data_ptr() % 16 == 0)
@@ -1383,7 +1396,7 @@ def _fwd_signature(q, k, v, attn_mask, is_causal, scale):
             q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
             (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0, mask, bool(is_causal),
             scale, torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None,
-            tuple(map(_ENVIRON.get, _SWITCH_KEYS)))
+            tuple(map(_ENVIRON.get, _SWITCH_KEYS)), out_blhd)
 
 
 def _remember_fast(signature, bound, out, lse, mask, attn_mask):
@@ -1392,8 +1405,11 @@ def _remember_fast(signature, bound, out, lse, mask, attn_mask):
         return
     if len(_FAST_FWD) >= _FAST_FWD_LIMIT:
         _FAST_FWD.clear()
+    shape = tuple(out.shape)
+    if signature[-1]:   # out_blhd: allocated as (B, L, H, D), then viewed (see _new_out)
+        shape = (shape[0], shape[2], shape[1], shape[3])
     _FAST_FWD[signature] = _FastForward(
-        bound, tuple(out.shape), tuple(lse.shape),
+        bound, shape, tuple(lse.shape),
         attn_mask is not None and attn_mask.dtype == torch.bool,
         mask if attn_mask is None else None)
 

@@ -106,9 +106,13 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
                                    stack_trace=trace) for t in (q, k, v))
         q, k, v = (_cast(graph, t, m.compute_dtype, trace) for t in (q, k, v))
         mask = _build_mask(graph, m, trace)
+        # out in (B, L, H, D) memory where the heads go back next to each other next: that
+        # transpose is then a view, not a copy kernel with a buffer of its own
+        blhd = {"out_blhd": True} if heads_transposed_next(m, q) else None
         call = insert_node(graph, "call_function", torch.ops.adaattn.attention.default,
                            (q, k, v, mask, float(m.dropout_p), bool(m.causal), m.scale,
-                            bool(m.enable_gqa), site_id, policy, kernel), stack_trace=trace)
+                            bool(m.enable_gqa), site_id, policy, kernel), blhd,
+                           stack_trace=trace)
         out = insert_node(graph, "call_function", operator.getitem, (call, 0), stack_trace=trace)
         if m.masked_rows is not None:
             out = _eager_masked_rows(graph, m, call, out, v, trace)
@@ -120,6 +124,39 @@ def rewrite_site(gm: fx.GraphModule, m: AttentionMatch, site_id: str, policy: st
     m.out_node.replace_all_uses_with(out)
     replaced[m.out_node] = out
     return call
+
+
+_HEADS_SWAPS = ({1, 2}, {-3, -2}, {1, -2}, {-3, 2})
+
+
+def _swaps_heads(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` is ``node.transpose(1, 2)`` or ``node.permute(0, 2, 1, 3)`` (method or
+    function form) of a 4-D ``node``."""
+    if user.op not in ("call_method", "call_function") or user.kwargs:
+        return False
+    name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+    args = user.args
+    if not args or args[0] is not node:
+        return False
+    if name == "transpose" and len(args) == 3:
+        return {args[1], args[2]} in _HEADS_SWAPS
+    if name == "permute":
+        dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        return tuple(d % 4 if isinstance(d, int) else d for d in dims) == (0, 2, 1, 3)
+    return False
+
+
+def heads_transposed_next(m: AttentionMatch, q: fx.Node) -> bool:
+    """Whether the site's (B, H, Lq, D) output has the heads swapped with the sequence next:
+    its permute back to the product's layout does it (an einsum into ``bqhd``), or every user
+    of the product transposes dims 1 and 2. No torch side effects."""
+    tq = meta(q)
+    if tq is None or tq.dim() != 4 or m.fold is not None or m.masked_rows is not None:
+        return False
+    if m.out_perm is not None:
+        return tuple(m.out_perm) == (0, 2, 1, 3)
+    users = list(m.out_node.users)
+    return bool(users) and all(_swaps_heads(u, m.out_node) for u in users)
 
 
 def _eager_masked_rows(graph, m: AttentionMatch, call, out, v, trace) -> fx.Node:

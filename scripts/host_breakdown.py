@@ -1,0 +1,159 @@
+"""Where a compiled model's host time goes, our op's share of it measured in place.
+
+    python3 scripts/host_breakdown.py --model bert-sdpa --seq 4096 [--calls 10] [--rounds 5]
+
+For the benchmark registry's model (bf16, batch 1, inference) compiled by stock torch.compile
+and by adaattn, prints the host time of one forward (from the call until it returns, kernels
+still queued; the device idle at the start, as the bench's per-call timer has it) and the
+call's time, in rounds that take turns (the host's speed drifts within a run). For adaattn also:
+  * the op's body and the functions under it, timed in place (perf_counter around each, summed
+    per forward): what our Python costs a forward, without a profiler's overhead;
+  * the same forward with the op's body replaced by one that returns the outputs of an
+    earlier call (no kernel, no Python of ours): the rest is the graph's own host time plus
+    the dispatcher's, so ``host - host(stub)`` is what the body costs.
+A host-probe (a fixed pure-Python loop) is printed with each model: the H100 machine's host
+speed moves by 2x between runs.
+"""
+import argparse
+import collections
+import functools
+import statistics
+import sys
+import time
+
+import torch
+
+import adaattn_compile
+from adaattn_compile import op as op_module
+from adaattn_compile.bench import build_model, host_probe, main_tensor
+from adaattn_compile.kernels import flash, launch
+
+stats_module = sys.modules["adaattn_compile.stats"]   # (the package's `stats` is a function)
+
+_spent = collections.defaultdict(float)
+_count = collections.defaultdict(int)
+
+
+def _timed(module, name, label=None):
+    fn = getattr(module, name)
+    label = label or f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _spent[label] += time.perf_counter() - t0
+            _count[label] += 1
+    setattr(module, name, wrapper)
+    return fn
+
+
+def per_call(step, calls):
+    """(median host ms, median call ms): each call starts on an idle device."""
+    host, wall = [], []
+    for _ in range(3):
+        step()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append((t1 - t0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(host), statistics.median(wall)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="bert-sdpa")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda")
+    model = built.model.eval()
+    a, kw = built.make_inputs()
+    a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
+    kw = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+
+    def stepper(fn):
+        def step():
+            with torch.no_grad():
+                return main_tensor(fn(*a, **kw))
+        return step
+
+    print(f"== {args.model} L={args.seq}: host probe {host_probe()[0]:.1f} ms", flush=True)
+    torch._dynamo.reset()
+    stock = stepper(torch.compile(model, dynamic=False))
+    stock()
+    torch._dynamo.reset()
+    ours = stepper(torch.compile(model, dynamic=False,
+                                 backend=adaattn_compile.backend(policy="exact")))
+    ours()
+    calls_before = sum(s["calls"] for s in adaattn_compile.stats().values())
+    ours()
+    sites = sum(s["calls"] for s in adaattn_compile.stats().values()) - calls_before
+    print(f"  op calls a forward: {sites}", flush=True)
+
+    # the body stubbed: each call returns the outputs of the real call with the same shapes
+    saved = {}
+    real = op_module.attention_impl
+
+    def stub(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy, kernel,
+             out_blhd=False):
+        key = (site, q.shape, k.shape)
+        got = saved.get(key)
+        if got is None:
+            got = saved[key] = real(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                    site, policy, kernel, out_blhd)
+        return got
+
+    def stubbed():
+        op_module.attention_impl = stub
+        try:
+            return ours()
+        finally:
+            op_module.attention_impl = real
+    stubbed()
+
+    # rounds of --calls calls of each, in turn: the host's speed drifts within a run
+    variants = {"stock": stock, "adaattn": ours, "adaattn, body stubbed": stubbed}
+    host = {name: [] for name in variants}
+    wall = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            h, w = per_call(step, args.calls)
+            host[name].append(h)
+            wall[name].append(w)
+    for name in variants:
+        print(f"  {name:22s} host {statistics.median(host[name]):.3f} ms, call "
+              f"{statistics.median(wall[name]):.3f} ms (median of {args.rounds} rounds' "
+              f"medians; host by round: {', '.join(f'{x:.2f}' for x in host[name])})",
+              flush=True)
+
+    # the body and what it calls, timed in place
+    originals = [(op_module, "attention_impl", _timed(op_module, "attention_impl"))]
+    for module, name in ((op_module, "_drop_proven_mask"), (op_module, "_plan"),
+                         (op_module, "_flash_forward"), (flash, "flash_forward"),
+                         (flash, "_fwd_signature"), (launch, "run_compiled"),
+                         (stats_module, "record_call")):
+        originals.append((module, name, _timed(module, name)))
+    _spent.clear()
+    _count.clear()
+    host_timed, _ = per_call(ours, args.calls)
+    forwards = args.calls + 3
+    print(f"  adaattn, timers on: host {host_timed:.3f} ms; per forward:", flush=True)
+    for label in sorted(_spent, key=lambda x: -_spent[x]):
+        print(f"    {label:28s} {_spent[label] / forwards * 1e3:7.3f} ms "
+              f"({_count[label] // forwards} calls, "
+              f"{_spent[label] / max(_count[label], 1) * 1e6:6.1f} us each)", flush=True)
+    for module, name, fn in originals:
+        setattr(module, name, fn)
+    print(f"  host probe now {host_probe()[0]:.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()

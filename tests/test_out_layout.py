@@ -1,0 +1,182 @@
+"""The op's output in (B, L, H, D) memory where the graph swaps the heads back next
+(``out_blhd``): the pass asks for it only there, every path of the op honours it exactly (the
+compiled graph asserts the fake's strides), and the swap then costs no copy."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaattn_compile
+from adaattn_compile import op
+from adaattn_compile.compiler import rewrite_graph
+from adaattn_compile.options import Options
+from helpers import rel_err, reference_attention
+
+B, H, L, D = 2, 3, 37, 16
+
+
+def _heads(x):
+    return x.view(B, L, H, D).transpose(1, 2)
+
+
+def sdpa_transpose(x, w):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
+
+
+def sdpa_torch_transpose(x, w):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    return torch.transpose(F.scaled_dot_product_attention(q, k, v), -3, -2).flatten(2)
+
+
+def matmul_permute(x, w):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    p = ((q @ k.transpose(-1, -2)) * D ** -0.5).softmax(-1)
+    return (p @ v).permute(0, 2, 1, 3).reshape(B, L, H * D)
+
+
+def einsum_into_bqhd(x, w):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    p = torch.einsum("bhqd,bhkd->bhqk", q, k).mul(D ** -0.5).softmax(-1)
+    return torch.einsum("bhqk,bhkd->bqhd", p, v).flatten(2)
+
+
+def sdpa_kept_in_heads(x, w):   # the heads stay where they are: contiguous out
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    return F.scaled_dot_product_attention(q, k, v).sum(1)
+
+
+def sdpa_two_users(x, w):       # one user swaps, the other does not: contiguous out
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).flatten(2) + o.mean()
+
+
+def sdpa_swaps_other_dims(x, w):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).flatten(2)
+
+
+CASES = [(sdpa_transpose, True), (sdpa_torch_transpose, True), (matmul_permute, True),
+         (einsum_into_bqhd, True), (sdpa_kept_in_heads, False), (sdpa_two_users, False),
+         (sdpa_swaps_other_dims, False)]
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, 32, generator=g), torch.randn(32, 3 * H * D, generator=g) / 6
+
+
+def _rewritten(fn, args, options):
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["record"] = rewrite_graph(gm, Options.parse(options), "graph0")
+        captured["gm"] = gm
+        return gm.forward
+    torch.compile(fn, backend=backend, dynamic=False)(*args)
+    return captured["gm"], captured["record"]
+
+
+@pytest.mark.parametrize("fn, blhd", CASES, ids=[fn.__name__ for fn, _ in CASES])
+def test_the_pass_asks_for_the_layout_only_where_the_heads_swap_next(fn, blhd):
+    gm, record = _rewritten(fn, _inputs(), {"policy": "exact"})
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.adaattn.attention.default]
+    assert len(calls) == len(record.sites) == 1
+    assert calls[0].kwargs.get("out_blhd", False) is blhd
+    out = calls[0].meta["example_value"][0]
+    assert out.transpose(1, 2).is_contiguous() if blhd else out.is_contiguous()
+
+
+@pytest.mark.parametrize("fn, blhd", CASES, ids=[fn.__name__ for fn, _ in CASES])
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_compiled_models_match_eager_in_either_layout(fn, blhd, kernel):
+    x, w = _inputs(1)
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend=adaattn_compile.backend(policy="exact", kernel=kernel),
+                        dynamic=False)(x, w)
+    assert rel_err(got, fn(x, w)) < 1e-5
+
+
+def _qkv(shape=(B, L, H, D), seed=2, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # (B, H, L, D) views of (B, L, H, D) memory, as projections hand them over
+    return tuple(torch.randn(*shape, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+
+
+@pytest.mark.parametrize("path", ["triton", "reference", "triton-causal-mask", "low-rank",
+                                  "fp16-rung", "grad"])
+def test_every_path_of_the_op_returns_the_promised_layout(path, monkeypatch):
+    q, k, v = _qkv()
+    mask, causal, policy, kernel = None, False, "exact", path.split("-")[0]
+    site = f"s-layout-{path}"
+    options = {"kernel": kernel if kernel != "grad" else "triton", "policy": policy}
+    if path == "triton-causal-mask":
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+    if path == "low-rank":
+        options.update(kernel="triton", policy="fast", rank="low", min_seq_len=16,
+                       low_rank_min_gflops=0)
+    if path == "fp16-rung":
+        options.update(kernel="triton", policy="balanced", precision="fp16", min_seq_len=16)
+    opts = Options.parse(options)
+    op.register_site(site, opts)
+    if path == "grad":
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse, _ = torch.ops.adaattn.attention(q, k, v, mask, 0.0, causal, None, False, site,
+                                              opts.policy, opts.kernel, out_blhd=True)
+    assert out.shape == (B, H, L, D) and out.transpose(1, 2).is_contiguous()
+    assert lse.is_contiguous()
+    ref = reference_attention(q.detach().double(), k.detach().double(), v.detach().double(),
+                              mask)
+    limit = {"low-rank": 0.5, "fp16-rung": 2e-3}.get(path, 1e-5)
+    assert rel_err(out.detach(), ref) < limit
+    if path == "grad":
+        out.sum().backward()
+        q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        reference_attention(q2, k2, v2).sum().backward()
+        for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+            assert rel_err(got, want) < 1e-5
+    # and the contiguous layout when not asked
+    out, _, _ = torch.ops.adaattn.attention(q, k, v, mask, 0.0, causal, None, False, site,
+                                            opts.policy, opts.kernel)
+    assert out.is_contiguous()
+
+
+def test_the_fake_promises_what_the_kernel_returns():
+    q, k, v = _qkv()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = torch.ops.adaattn.attention(fq, fk, fv, None, 0.0, False, None, False, "s-fake",
+                                           "exact", "triton", out_blhd=True)[0]
+    real = torch.ops.adaattn.attention(q, k, v, None, 0.0, False, None, False, "s-fake",
+                                       "exact", "triton", out_blhd=True)[0]
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+# GPU: the dense kernels write out through its strides (the Gluon forward's O through a bulk
+# copy with a 4-D descriptor of them); the bound launch (second call) keeps the layout.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 16, 2048, 128), (2, 12, 4096, 64), (1, 8, 777, 64),
+                                   (2, 4, 300, 128)], ids=str)
+@pytest.mark.parametrize("case", ["plain", "causal", "key-mask", "bias"])
+def test_dense_kernels_write_the_layout_on_the_gpu(shape, case):
+    b, h, n, d = shape
+    q, k, v = _qkv((b, n, h, d), seed=3, dtype=torch.bfloat16)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    mask = None
+    if case == "key-mask":
+        mask = torch.rand(b, 1, 1, n, device="cuda") > 0.2
+    if case == "bias":
+        mask = torch.randn(b, h, n, n, device="cuda", dtype=torch.bfloat16)
+    site = f"s-layout-gpu-{case}-{n}"
+    op.register_site(site, Options.parse(policy="exact"))
+    ref_mask = mask   # (the helper's causal mask is built on the CPU)
+    if case == "causal":
+        ref_mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+    ref = reference_attention(q.double(), k.double(), v.double(), ref_mask)
+    for _ in range(2):   # (the second call: the bound launch)
+        out = torch.ops.adaattn.attention(q, k, v, mask, 0.0, case == "causal", None, False,
+                                          site, "exact", "auto", out_blhd=True)[0]
+        assert out.transpose(1, 2).is_contiguous()
+        assert rel_err(out, ref) < 1e-2
