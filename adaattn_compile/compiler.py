@@ -84,6 +84,7 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
         if record.sites:
             share_mask_computations(gm)
             copy_shared_strided_masks(gm)
+            _register_mask_groups(gm, name)
         gm.graph.lint()
         gm.recompile()
     except Exception as exc:  # never break a model: compile the original graph
@@ -98,6 +99,18 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
     record.pass_seconds = time.perf_counter() - start
     record.code_after = gm.code
     return record
+
+
+def _register_mask_groups(gm: fx.GraphModule, name: str) -> None:
+    """Tell the op which of this graph's sites read the same mask node (one value per graph
+    call): what a kernel derives from a mask (the Gluon forward's bias tile) is then built once
+    per graph call for all of them, not once per site (BERT: 12 layers, one padding mask)."""
+    target = torch.ops.adaattn.attention.default
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is target:
+            mask = node.args[3]
+            op.set_mask_group(node.args[8], f"{name}/{mask.name}"
+                              if isinstance(mask, fx.Node) else None)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -39,6 +39,9 @@ stats = importlib.import_module(f"{__package__}.stats")
 log = logging.getLogger("adaattn")
 
 _site_options: Dict[str, Options] = {}
+# site -> the graph's mask node it reads ("graph3/expand_1"): sites of one group read one value
+# per graph call (see compiler._register_mask_groups)
+_mask_groups: Dict[str, str] = {}
 _training_sites: set = set()   # sites of graphs compiled for training (gradients taken)
 _grad_call = threading.local()   # .on: this thread is in a forward autograd will differentiate
 _plan_cache: Dict[tuple, planner.Plan] = {}
@@ -68,6 +71,14 @@ def register_site(site: str, options: Options, training: bool = False) -> None:
                 del _plan_cache[key]
             for key in [key for key in _ladder_states if key[0] == site]:
                 del _ladder_states[key]   # and the rungs its checks settled on
+
+
+def set_mask_group(site: str, group: Optional[str]) -> None:
+    """Record that ``site`` reads the mask node ``group`` (None: no mask node)."""
+    if group is None:
+        _mask_groups.pop(site, None)
+    else:
+        _mask_groups[site] = group
 
 
 def site_options(site: str, policy: str, kernel: str) -> Options:
@@ -280,17 +291,18 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
 
 
 def _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward=None,
-                   out_blhd=False):
+                   out_blhd=False, mask_group=None):
     """``forward`` (default: the dense flash kernel's) on q / k / v brought to (B, H, L, D).
     ``out_blhd``: the dense kernel writes out in (B, L, H, D) memory (see :func:`_in_layout`);
-    other forwards, and calls with something to broadcast, return it contiguous."""
+    other forwards, and calls with something to broadcast, return it contiguous.
+    ``mask_group``: the site's mask group (see :func:`set_mask_group`), None if unknown."""
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1]):
         # (B, H, L, D) with nothing to broadcast: what rewritten graphs pass (every step
         # below is a no-op then, and this runs on every call)
         if forward is None:
             return _flash().flash_forward(q, k, v, _mask4d(attn_mask), is_causal, scale,
-                                          out_blhd)
+                                          out_blhd, mask_group)
         return forward(q, k, v, _mask4d(attn_mask), is_causal, scale)
     forward = forward or _flash().flash_forward
     qb, kb, vb = _broadcast_batch(q, k, v, enable_gqa)
@@ -567,7 +579,9 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
                 kernel_used = "triton" if result is not None else "reference"
             elif result is None and kernel_used == "triton":
                 result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                        out_blhd=out_blhd)
+                                        out_blhd=out_blhd,
+                                        mask_group=None if attn_mask is None
+                                        else _mask_groups.get(site))
         except Exception as exc:  # never lose the model to a kernel failure
             reason = f"Triton forward failed ({type(exc).__name__}: {str(exc)[:200]})"
             warn_once((site, "fwd", type(exc).__name__),

@@ -157,9 +157,11 @@ def test_the_fake_promises_what_the_kernel_returns():
 # copy with a 4-D descriptor of them); the bound launch (second call) keeps the layout.
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 16, 2048, 128), (2, 12, 4096, 64), (1, 8, 777, 64),
-                                   (2, 4, 300, 128)], ids=str)
-@pytest.mark.parametrize("case", ["plain", "causal", "key-mask", "bias"])
+@pytest.mark.parametrize("shape, case", [
+    ((1, 16, 2048, 128), "plain"), ((1, 16, 2048, 128), "causal"),   # the Gluon forward
+    ((1, 16, 2048, 128), "key-mask"), ((2, 12, 4096, 64), "key-mask"),
+    ((1, 8, 777, 64), "plain"), ((2, 4, 300, 128), "bias"),          # the Triton forward
+], ids=str)
 def test_dense_kernels_write_the_layout_on_the_gpu(shape, case):
     b, h, n, d = shape
     q, k, v = _qkv((b, n, h, d), seed=3, dtype=torch.bfloat16)
@@ -175,8 +177,69 @@ def test_dense_kernels_write_the_layout_on_the_gpu(shape, case):
     if case == "causal":
         ref_mask = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
     ref = reference_attention(q.double(), k.double(), v.double(), ref_mask)
-    for _ in range(2):   # (the second call: the bound launch)
+    op.set_mask_group(site, f"test/{case}")   # (a key mask's tile: shared from call two)
+    for _ in range(3):   # (the second and third calls: the bound launch)
         out = torch.ops.adaattn.attention(q, k, v, mask, 0.0, case == "causal", None, False,
                                           site, "exact", "auto", out_blhd=True)[0]
         assert out.transpose(1, 2).is_contiguous()
         assert rel_err(out, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask groups: what a kernel derives from a mask is built once per graph call for the sites
+# that read the same mask node (BERT's 12 layers, one padding mask).
+
+def two_layers_one_padding_mask(x, w, keep):
+    mask = keep[:, None, None, :]
+    for _ in range(2):
+        q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+        x = x @ w[:, :H * D].T   # (back to the model width)
+    return x
+
+
+def two_masks(x, w, keep):
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    b = F.scaled_dot_product_attention(q, k, v, attn_mask=~keep[:, None, None, :])
+    return a + b
+
+
+@pytest.mark.parametrize("fn, groups", [(two_layers_one_padding_mask, 1), (two_masks, 2)])
+def test_sites_reading_one_mask_node_share_a_group(fn, groups):
+    x, w = _inputs(4)
+    keep = torch.rand(B, L) > 0.2
+    keep[:, 0] = True
+    gm, record = _rewritten(fn, (x, w, keep), {"policy": "exact"})
+    sites = [s.id for s in record.sites]
+    assert len(sites) == 2
+    assert len({op._mask_groups[s] for s in sites}) == groups
+
+
+def test_a_shared_bias_tile_is_built_once_per_mask_value():
+    from adaattn_compile.kernels import flash_hopper
+    flash_hopper._TILES.clear()
+    n = 64
+    mask = torch.rand(1, 1, 1, n) > 0.3
+    bias = ((1, 4, n, n), (0, 0, 0, 1), True, torch.float16, 1)
+    first = flash_hopper._shared_bias_tile(mask.view(torch.uint8), bias, "g/mask")
+    uint8 = mask.view(torch.uint8)
+    assert torch.equal(first, flash_hopper._bias_tile(uint8, *bias))
+    again = flash_hopper._shared_bias_tile(uint8, bias, "g/mask")
+    # (another view object of the same mask: not the same tensor, built again)
+    assert again is not first and torch.equal(again, first)
+    # ... unless the caller names the tensor it was given (a bool mask's uint8 view is made
+    # anew every call)
+    viewed = flash_hopper._shared_bias_tile(mask.view(torch.uint8), bias, "g/bool", mask)
+    assert flash_hopper._shared_bias_tile(mask.view(torch.uint8), bias, "g/bool",
+                                          mask) is viewed
+    assert flash_hopper._shared_bias_tile(uint8, bias, "g/mask") is again      # shared
+    assert flash_hopper._shared_bias_tile(uint8, bias, "g/other") is not again  # another group
+    uint8[..., :8] = 1   # an in-place write: built again, with the new values
+    written = flash_hopper._shared_bias_tile(uint8, bias, "g/mask")
+    assert written is not again and torch.equal(written, flash_hopper._bias_tile(uint8, *bias))
+    assert not torch.equal(written, again)
+    del uint8, mask
+    import gc
+    gc.collect()
+    assert not flash_hopper._TILES   # the masks are gone, and their tiles with them

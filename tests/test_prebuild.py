@@ -117,11 +117,12 @@ def spy(monkeypatch):
     real = op._flash_forward
 
     def watched(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward=None,
-                out_blhd=False):
+                out_blhd=False, mask_group=None):
         calls.append((threading.current_thread().name,
                       (*_signature(q, k, v, attn_mask, is_causal, scale, enable_gqa),
                        out_blhd)))
-        return real(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward, out_blhd)
+        return real(q, k, v, attn_mask, is_causal, scale, enable_gqa, forward, out_blhd,
+                    mask_group)
     monkeypatch.setattr(op, "_flash_forward", watched)
     return calls
 

@@ -1250,7 +1250,8 @@ def _new_out(shape, like, blhd):
     return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
-def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd=False):
+def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd=False,
+                  mask_group=None):
     """Flash attention forward.
 
     q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, Dv), ``Hq % Hkv == 0`` (GQA/MQA: query
@@ -1280,7 +1281,11 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd
                 mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
             try:
                 with _on_device(q.device):
-                    fast.launch(q, k, v, mask, out, lse)
+                    if mask_group is None or attn_mask is None:
+                        fast.launch(q, k, v, mask, out, lse)
+                    else:   # (a Gluon launch may derive a tile from the mask: shared)
+                        fast.launch(q, k, v, mask, out, lse, mask_group=mask_group,
+                                    mask_owner=attn_mask)
                 return out, lse
             except Exception as exc:  # another triton's launcher: the full path from now on
                 _FAST_FWD_ON = False

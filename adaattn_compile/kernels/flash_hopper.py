@@ -47,6 +47,7 @@ import functools
 import heapq
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -965,6 +966,7 @@ def clear_compiled() -> None:
     if AVAILABLE:
         launch.drop_compiled(_attn_fwd_sm90)
     _LAUNCHERS.clear()
+    _TILES.clear()
 _FAST_LAUNCH = True
 
 
@@ -1015,6 +1017,43 @@ def _bias_tile(mask, shape, mask_strides, is_bool, dtype, rows):
     sb, sh, _, sk = full.stride()
     tile = torch.zeros((nb, nh, Lk, 16), dtype=dtype, device=mask.device)
     tile.narrow(3, 0, rows).copy_(full.as_strided((nb, nh, Lk, rows), (sb, sh, sk, 0)))
+    return tile
+
+
+# Bias tiles built this graph call, by (mask group, bias arguments): (weakref to the mask,
+# its version, the tile). See _shared_bias_tile.
+_TILES: dict = {}
+_TILES_LIMIT = 16
+
+
+def _shared_bias_tile(mask, bias, group, owner=None):
+    """:func:`_bias_tile` of ``mask``, built once for every site of ``group`` (the sites of one
+    graph that read the same mask node, so one value per graph call; the compiler names them)
+    as long as the mask is the same tensor object at the same version: BERT's 12 layers read
+    one padding mask, and building the tile costs a few ops of host time a call (host-bound at
+    L = 4096 on the H100: 6.5 ms a forward against stock's 3.5). The group, not the tensor
+    alone, keys it: Inductor may reuse a dead mask's buffer object for another mask, written by
+    its kernels without a version bump. Not shared while a CUDA graph is captured (a replay
+    must rebuild it) nor for inference tensors (no version counter). ``owner``: the tensor
+    the caller was given, if ``mask`` is a view made for this call (a bool mask's uint8 view:
+    a new object every call); views share its version counter."""
+    owner = mask if owner is None else owner
+    if owner.is_inference() or (owner.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _bias_tile(mask, *bias)
+    key = (group, bias)
+    entry = _TILES.get(key)
+    version = owner._version
+    if entry is not None and entry[0]() is owner and entry[1] == version:
+        return entry[2]
+    tile = _bias_tile(mask, *bias)
+    if len(_TILES) >= _TILES_LIMIT:
+        _TILES.clear()
+
+    def drop(ref, key=key):   # the mask is gone (its graph call ended): so is the tile
+        entry = _TILES.get(key)
+        if entry is not None and entry[0] is ref:
+            del _TILES[key]
+    _TILES[key] = (weakref.ref(owner, drop), version, tile)
     return tile
 
 
@@ -1261,9 +1300,13 @@ class BoundForward:
         self.kernel, self.programs, self.device = kernel, programs, device
         self.layouts, self.tail, self.bias = layouts, tail, bias
 
-    def __call__(self, q, k, v, mask, out, lse):
+    def __call__(self, q, k, v, mask, out, lse, mask_group=None, mask_owner=None):
         (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v), o_layout = self.layouts
-        bk = None if self.bias is None else _HostDescriptor(_bias_tile(mask, *self.bias))
+        bk = None
+        if self.bias is not None:
+            bk = _HostDescriptor(
+                _shared_bias_tile(mask, self.bias, mask_group, mask_owner)
+                if mask_group is not None else _bias_tile(mask, *self.bias))
         do = None if o_layout is None else _HostDescriptor(out, *o_layout)
         args = (_HostDescriptor(q, shape_q, strides_q), _HostDescriptor(k, shape_k, strides_k),
                 _HostDescriptor(v, shape_v, strides_v), bk, do, out, lse, mask, *self.tail)

@@ -191,7 +191,7 @@ class Bound:
     def __init__(self, kernel, grid, values, device):
         self.kernel, self.grid, self.values, self.device = kernel, grid, values, device
 
-    def __call__(self, *tensors):
+    def __call__(self, *tensors, mask_group=None, mask_owner=None):
         values = list(self.values)
         values[:len(tensors)] = tensors
         run_compiled(self.kernel, self.grid, self.device, values)
