@@ -358,10 +358,13 @@ class Settings:
 
 
 # The issue's H100 run, in priority order (a time budget cuts from the end): the target table
-# at 4k, one training step for the two hand-written-attention models, then the length sweep.
+# at 4k, the issue's other models at 4k, one training step for the two hand-written-attention
+# models, then the length sweep.
 PRESETS: Dict[str, List[Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[str, ...]]]] = {
     "issue6": [
         (GROUPS["default"], (4096,), ("infer",)),
+        (("t5-eager", "t5-sdpa", "vit-eager", "vit-sdpa", "gpt2-medium-eager",
+          "gpt2-medium-sdpa"), (4096,), ("infer",)),
         (("gpt", "llama-eager"), (1024, 8192), ("infer",)),   # with 4096: a 3-point sweep
         (("gpt", "llama-eager"), (4096,), ("train",)),
         (("gpt", "llama-eager"), (2048,), ("infer",)),

@@ -170,12 +170,15 @@ def _describe_site(m: AttentionMatch, call: fx.Node, site_id: str, graph: str,
         if why is not None:
             decision = Decision("sdpa", chosen.precisions[-1], "dense", chosen.guards, why,
                                 site_id, chosen.precisions[-1:])
+    notes = tuple(m.notes)
+    if call.kwargs.get("out_blhd"):
+        notes += ("out written as (B, L, H, D): the heads' transpose after it is a view",)
     return Site(
         id=site_id, graph=graph, pattern=m.pattern, location=m.location,
         q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
         dtype=str(q.dtype).replace("torch.", ""), causal=m.causal, mask=op.mask_kind(mask),
         scale=m.scale, dropout_p=m.dropout_p, gqa_groups=m.gqa_groups,
-        decision=decision, notes=tuple(m.notes), dynamic=dynamic)
+        decision=decision, notes=notes, dynamic=dynamic)
 
 
 def _to_torch_sdpa(gm: fx.GraphModule, call: fx.Node, replaced: dict) -> None:

@@ -77,7 +77,11 @@ def test_plan_expands_groups_lengths_modes_and_policies():
         {512, 1024, 2048, 4096, 8192, 16384}   # the issue's 512 to 16k
     assert configs[-1] == bench.Config("llama-eager", 16384, 1, "infer")
     assert {c.model for c in configs if c.seq == 4096 and c.mode == "infer"} == \
-        set(bench.GROUPS["default"])
+        set(bench.GROUPS["default"]) | {"t5-eager", "t5-sdpa", "vit-eager", "vit-sdpa",
+                                        "gpt2-medium-eager", "gpt2-medium-sdpa"}
+    # (the issue's models, each with eager and sdpa attention, at 4k before anything else)
+    assert {c.model for c in configs[:13]} == {c.model for c in configs if c.seq == 4096
+                                                and c.mode == "infer"}
 
 
 def test_list_and_dry_run(capsys):
@@ -88,7 +92,7 @@ def test_list_and_dry_run(capsys):
         assert name in out
     assert main(["bench", "--preset", "issue6", "--device", "cpu", "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert "20 config(s) x 3 compiler run(s) = 60 runs, 40 compiles" in captured.err
+    assert "26 config(s) x 3 compiler run(s) = 78 runs, 52 compiles" in captured.err
     assert "  1. gpt L=4096 B=1 infer: eager, stock, adaattn[exact]" in captured.out
 
 

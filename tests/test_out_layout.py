@@ -83,6 +83,7 @@ def test_the_pass_asks_for_the_layout_only_where_the_heads_swap_next(fn, blhd):
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.adaattn.attention.default]
     assert len(calls) == len(record.sites) == 1
     assert calls[0].kwargs.get("out_blhd", False) is blhd
+    assert any("(B, L, H, D)" in note for note in record.sites[0].notes) is blhd   # (explain)
     out = calls[0].meta["example_value"][0]
     assert out.transpose(1, 2).is_contiguous() if blhd else out.is_contiguous()
 
