@@ -40,6 +40,18 @@ def einsum_into_bqhd(x, w):
     return torch.einsum("bhqk,bhkd->bqhd", p, v).flatten(2)
 
 
+def sdpa_hf5(x, w):   # transformers 5.x: a reshape to the same shape, then the transpose
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = o.reshape(o.shape[0], -1, L, D)
+    return o.transpose(1, 2).contiguous().flatten(2)
+
+
+def sdpa_reshaped_elsewhere(x, w):   # a reshape that changes the shape: not followed
+    q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
+    return F.scaled_dot_product_attention(q, k, v).reshape(B, H * L, D).transpose(1, 2)
+
+
 def sdpa_kept_in_heads(x, w):   # the heads stay where they are: contiguous out
     q, k, v = (_heads(t) for t in (x @ w).split(H * D, -1))
     return F.scaled_dot_product_attention(q, k, v).sum(1)
@@ -57,8 +69,8 @@ def sdpa_swaps_other_dims(x, w):
 
 
 CASES = [(sdpa_transpose, True), (sdpa_torch_transpose, True), (matmul_permute, True),
-         (einsum_into_bqhd, True), (sdpa_kept_in_heads, False), (sdpa_two_users, False),
-         (sdpa_swaps_other_dims, False)]
+         (einsum_into_bqhd, True), (sdpa_hf5, True), (sdpa_reshaped_elsewhere, False),
+         (sdpa_kept_in_heads, False), (sdpa_two_users, False), (sdpa_swaps_other_dims, False)]
 
 
 def _inputs(seed=0):

@@ -146,17 +146,35 @@ def _swaps_heads(user: fx.Node, node: fx.Node) -> bool:
     return False
 
 
+def _same_shape_view(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` is a ``reshape`` / ``view`` of ``node`` to its own shape (a view of any
+    strides: HF's ``sdpa_attention_forward`` reshapes SDPA's output to (B, -1, Lq, D), undoing
+    a GQA packing that is not there, before it transposes)."""
+    if (user.op != "call_method" or user.target not in ("reshape", "view") or user.kwargs
+            or not user.args or user.args[0] is not node):
+        return False
+    before, after = meta(node), meta(user)
+    return before is not None and after is not None and tuple(before.shape) == tuple(after.shape)
+
+
+def _all_swap_heads(node: fx.Node, depth: int = 0) -> bool:
+    users = list(node.users)
+    return bool(users) and depth < 4 and all(
+        _swaps_heads(u, node) or (_same_shape_view(u, node) and _all_swap_heads(u, depth + 1))
+        for u in users)
+
+
 def heads_transposed_next(m: AttentionMatch, q: fx.Node) -> bool:
     """Whether the site's (B, H, Lq, D) output has the heads swapped with the sequence next:
     its permute back to the product's layout does it (an einsum into ``bqhd``), or every user
-    of the product transposes dims 1 and 2. No torch side effects."""
+    of the product transposes dims 1 and 2 (through reshapes to the same shape). No torch side
+    effects."""
     tq = meta(q)
     if tq is None or tq.dim() != 4 or m.fold is not None or m.masked_rows is not None:
         return False
     if m.out_perm is not None:
         return tuple(m.out_perm) == (0, 2, 1, 3)
-    users = list(m.out_node.users)
-    return bool(users) and all(_swaps_heads(u, m.out_node) for u in users)
+    return _all_swap_heads(m.out_node)
 
 
 def _eager_masked_rows(graph, m: AttentionMatch, call, out, v, trace) -> fx.Node:
