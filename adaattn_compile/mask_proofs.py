@@ -11,8 +11,10 @@ through the mask, a causal attention does twice the work (no block above the dia
 skipped) and reads L² mask entries per head.
 
 So the op checks such a mask once: the check reads the mask and waits for the answer (a few
-device syncs, in the first call that sees the tensor), and the answer is kept for that tensor object and its version counter (an
-in-place write bumps it), so that the other layers of the step, and the backward, reuse it.
+device syncs, in the first call that sees the tensor), and the answer is kept for that tensor
+object, its version counter (an in-place write bumps it) and the graph's mask node the site
+reads (Inductor may reuse a dead mask's buffer object for another node's mask), so that the
+other layers of the step, and the backward, reuse it.
 A causal mask runs as ``is_causal``; the causal mask of a padded batch (causal AND a per-key
 mask, as transformers builds it) runs as ``is_causal`` with the (B, 1, 1, L) key mask, which
 the kernels read as a vector per tile.
@@ -53,9 +55,9 @@ MIN_GFLOPS = float(os.environ.get("ADAATTN_RUN_TIME_MASKS_MIN_GFLOPS", "16") or 
 _MAX_ENTRIES = 16   # distinct live masks remembered (a step passes one or two)
 
 _lock = threading.Lock()
-# id(mask) -> (weakref to the mask, its version when checked, kind, key mask or None); the
-# weakref tells a live object from a new one that reuses a dead one's id
-_proofs: "dict[int, tuple]" = {}
+# (mask group, id(mask)) -> (weakref to the mask, its version when checked, kind, key mask or
+# None); the weakref tells a live object from a new one that reuses a dead one's id
+_proofs: "dict[tuple, tuple]" = {}
 # site -> masks in a row found not provable there
 _misses: "dict[str, int]" = {}
 
@@ -154,7 +156,8 @@ def run_time_kind(mask: Optional[torch.Tensor], lq: int, lk: int,
 
 
 def check(mask: Optional[torch.Tensor], lq: int, lk: int, site: Optional[str] = None,
-          flops: Optional[float] = None) -> Tuple[Optional[str], Optional[torch.Tensor], bool]:
+          flops: Optional[float] = None,
+          group: Optional[str] = None) -> Tuple[Optional[str], Optional[torch.Tensor], bool]:
     """(kind, mask to run with): 'causal' if ``mask`` is SDPA's top-left causal mask (bool
     keep-mask, or additive with 0 kept and very negative dropped) and 'none' if it masks
     nothing (no mask to run with); 'causal+keys' if it is the causal mask AND a per-key mask,
@@ -162,10 +165,14 @@ def check(mask: Optional[torch.Tensor], lq: int, lk: int, site: Optional[str] = 
     (also for masks not checked, see the module doc); third: whether this call checked the
     mask and found it not provable. ``site``: the attention site asking; one that has seen
     GIVE_UP unprovable masks in a row checks no more. ``flops``: the call's forward work; a
-    call under MIN_GFLOPS is not checked (a proof kept for this tensor still counts)."""
+    call under MIN_GFLOPS is not checked (a proof kept for this tensor still counts).
+    ``group``: the graph's mask node the site reads (``op.set_mask_group``): a proof is kept
+    for the tensor *and* the node. Inductor may hand a dead mask's buffer object, written anew
+    by its kernels without a version bump, to a later node (a per-layer mask of the same
+    shape); keyed by the tensor alone, that mask would take the first one's proof."""
     if mask is None or not _checkable(mask, lq, lk) or not enabled():
         return None, None, False
-    key, version = id(mask), mask._version
+    key, version = (group, id(mask)), mask._version
     entry = _proofs.get(key)
     if entry is not None and entry[0]() is mask and entry[1] == version:
         return entry[2], entry[3], False

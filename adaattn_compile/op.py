@@ -357,7 +357,8 @@ def _drop_proven_mask(site, attn_mask, q, k, count=True, policy="", kernel=""):
     if (count and attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1 and q.shape[-2] > 1
             and not _key_mask_worth_proving(site, policy, kernel, q, k, flops)):
         return attn_mask, False
-    kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops)
+    kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops,
+                                           _mask_groups.get(site))
     if kind is None:
         if missed and count:
             stats.record_mask_miss(site)

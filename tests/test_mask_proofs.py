@@ -304,3 +304,42 @@ def test_gpu_run_time_masks(dtype, D, which):
         assert rel_err(a, b) < 2 * tol
     kinds = [e.get("run_time_masks") for e in adaattn_compile.stats().values()]
     assert any(kk and kk.get("causal" if which == "causal" else "causal+keys") for kk in kinds)
+
+
+def test_a_proof_belongs_to_the_mask_node_as_well_as_the_tensor():
+    """Inductor may reuse a dead mask's buffer object for a later mask node, writing it from a
+    kernel (no version bump): the later node must not take the earlier one's proof."""
+    mask_proofs.clear()
+    mask = torch.ones(1, 1, L, L, dtype=torch.bool).tril()
+    assert mask_proofs.check(mask, L, L, "s-a", group="g/first")[0] == "causal"
+    mask.data.fill_(True)   # (written without a version bump, as a kernel of Inductor's would)
+    assert mask._version == 0
+    assert mask_proofs.check(mask, L, L, "s-b", group="g/second")[0] == "none"
+    assert mask_proofs.check(mask, L, L, "s-c", group="g/first")[0] == "causal"   # (kept)
+    mask_proofs.clear()
+
+
+def test_per_layer_masks_of_one_shape_each_proven_in_a_compiled_graph(monkeypatch):
+    """Layers that each build their own (L, L) mask from an input: a causal one, then a
+    sliding window of the same shape. Each site gets the answer of its own mask."""
+    monkeypatch.setattr(mask_proofs, "MIN_GFLOPS", 0.0)
+    mask_proofs.clear()
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    pos = torch.arange(L)
+
+    def layers(q, k, v, pos, windows):
+        out = q
+        for window in windows:
+            diff = pos[:, None] - pos[None, :]
+            keep = (diff >= 0) & (diff < window)
+            out = F.scaled_dot_product_attention(out, k, v, attn_mask=keep)
+        return out
+
+    windows = torch.tensor([L + 1, 8])   # (a tensor: not constant-folded at compile time)
+    want = layers(q, k, v, pos, windows)
+    got, sites, _, _ = compile_and_run(layers, q, k, v, pos, windows,
+                                       options={"kernel": "reference", "inner": "inductor"})
+    assert len(sites) == 2
+    assert rel_err(got, want) < 1e-5
+    mask_proofs.clear()
