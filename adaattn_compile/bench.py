@@ -692,6 +692,17 @@ def time_calls(fn: Callable[[], Any], repeat: int, device: str,
     return times
 
 
+def model_and_inputs(name: str, seq: int, *, device: str = "cuda",
+                     dtype: torch.dtype = torch.bfloat16, layers: Optional[int] = None):
+    """(model in eval mode, args, kwargs): the registry's model at batch 1 with its inputs, all
+    on ``device`` (the diagnostic scripts' common start: profile, memory, host time)."""
+    built = build_model(name, seq, 1, dtype=dtype, device=device, layers=layers)
+    args, kwargs = built.make_inputs()
+    args = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in args)
+    kwargs = {k: x.to(device) if isinstance(x, torch.Tensor) else x for k, x in kwargs.items()}
+    return built.model.eval(), args, kwargs
+
+
 def _place(inputs, device: str, dtype: torch.dtype):
     def one(x):
         if isinstance(x, torch.Tensor):

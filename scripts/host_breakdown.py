@@ -25,7 +25,7 @@ import torch
 
 import adaattn_compile
 from adaattn_compile import op as op_module
-from adaattn_compile.bench import build_model, host_probe, main_tensor
+from adaattn_compile.bench import host_probe, main_tensor, model_and_inputs
 from adaattn_compile.kernels import flash, launch
 
 stats_module = sys.modules["adaattn_compile.stats"]   # (the package's `stats` is a function)
@@ -73,11 +73,7 @@ def main():
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda")
-    model = built.model.eval()
-    a, kw = built.make_inputs()
-    a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
-    kw = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+    model, a, kw = model_and_inputs(args.model, args.seq)
 
     def stepper(fn):
         def step():

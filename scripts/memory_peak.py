@@ -15,7 +15,7 @@ import os
 import torch
 
 import adaattn_compile
-from adaattn_compile.bench import build_model
+from adaattn_compile.bench import model_and_inputs
 
 _SKIP = ("torch/_ops.py", "torch/utils/", "torch/_library", "torch/_dynamo", "torch/nn/modules",
          "torch/_functorch", "torch/_inductor/runtime", "torch/autograd", "contextlib.py")
@@ -60,11 +60,7 @@ def main():
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
-    built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda")
-    model = built.model.eval()
-    a, kw = built.make_inputs()
-    a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
-    kw = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+    model, a, kw = model_and_inputs(args.model, args.seq)
     for name, fn in (("stock", torch.compile(model, dynamic=False)),
                      ("adaattn", torch.compile(model, dynamic=False, backend="adaattn"))):
         def step():

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import adaattn_compile
-from adaattn_compile.bench import build_model, main_tensor, time_calls
+from adaattn_compile.bench import main_tensor, model_and_inputs, time_calls
 
 
 def timed(step, n=10):
@@ -51,8 +51,9 @@ def host_and_syncs(step, n=10):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    # (the mode's own "is a prototype feature" notice is no sync)
     syncs = [str(w.message).splitlines()[0][:160] for w in caught
-             if "synchroniz" in str(w.message).lower()]
+             if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)]
     return statistics.median(host), syncs
 
 
@@ -87,12 +88,7 @@ def main():
                     help="also a cProfile of 5 forwards (host time by Python function)")
     args = ap.parse_args()
 
-    built = build_model(args.model, args.seq, 1, dtype=torch.bfloat16, device="cuda",
-                        layers=args.layers)
-    model = built.model.eval()
-    a, kw = built.make_inputs()
-    a = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in a)
-    kw = {k: x.cuda() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+    model, a, kw = model_and_inputs(args.model, args.seq, layers=args.layers)
     for name, fn in (("stock", torch.compile(model, dynamic=False)),
                      ("adaattn", torch.compile(model, dynamic=False,
                                                backend=adaattn_compile.backend(policy=args.policy)))):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 import adaattn_compile
-from adaattn_compile.compiler import record_graphs
+from adaattn_compile.compiler import record_graphs, rewrite_graph
+from adaattn_compile.options import Options
 
 
 def compile_and_run(fn, *args, options=None, dynamic=None, fullgraph=False, **kwargs):
@@ -19,6 +20,18 @@ def compile_and_run(fn, *args, options=None, dynamic=None, fullgraph=False, **kw
     for r in records:
         assert r.error is None, r.error
     return out, sites, skipped, records
+
+
+def rewritten(fn, args, options):
+    """(graph module, record) of ``fn``'s one graph after our passes, compiled by nothing."""
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["record"] = rewrite_graph(gm, Options.parse(options), "graph0")
+        captured["gm"] = gm
+        return gm.forward
+    torch.compile(fn, backend=backend, dynamic=False)(*args)
+    return captured["gm"], captured["record"]
 
 
 def rel_err(out, ref) -> float:

@@ -389,3 +389,13 @@ def test_interleaved_timing_calls_every_step_once_untimed_first():
     assert calls == {"ok": 1 + 4, "bad": 1}
     assert rows[0].n_timed == 4 and rows[0].status != "error"
     assert rows[1].status == "error" and "kernel build failed" in rows[1].error
+
+
+def test_model_and_inputs_puts_the_model_and_its_inputs_on_the_device():
+    model, args, kwargs = bench.model_and_inputs("gpt", 32, device="cpu", dtype=torch.float32,
+                                                 layers=1)
+    assert not model.training
+    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    with torch.no_grad():
+        assert bench.main_tensor(model(*args, **kwargs)).shape[1] == 32

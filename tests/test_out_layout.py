@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 import adaattn_compile
 from adaattn_compile import op
-from adaattn_compile.compiler import rewrite_graph
 from adaattn_compile.options import Options
-from helpers import rel_err, reference_attention
+from helpers import reference_attention, rel_err, rewritten
 
 B, H, L, D = 2, 3, 37, 16
 
@@ -78,20 +77,9 @@ def _inputs(seed=0):
     return torch.randn(B, L, 32, generator=g), torch.randn(32, 3 * H * D, generator=g) / 6
 
 
-def _rewritten(fn, args, options):
-    captured = {}
-
-    def backend(gm, example_inputs):
-        captured["record"] = rewrite_graph(gm, Options.parse(options), "graph0")
-        captured["gm"] = gm
-        return gm.forward
-    torch.compile(fn, backend=backend, dynamic=False)(*args)
-    return captured["gm"], captured["record"]
-
-
 @pytest.mark.parametrize("fn, blhd", CASES, ids=[fn.__name__ for fn, _ in CASES])
 def test_the_pass_asks_for_the_layout_only_where_the_heads_swap_next(fn, blhd):
-    gm, record = _rewritten(fn, _inputs(), {"policy": "exact"})
+    gm, record = rewritten(fn, _inputs(), {"policy": "exact"})
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.adaattn.attention.default]
     assert len(calls) == len(record.sites) == 1
     assert calls[0].kwargs.get("out_blhd", False) is blhd
@@ -223,7 +211,7 @@ def test_sites_reading_one_mask_node_share_a_group(fn, groups):
     x, w = _inputs(4)
     keep = torch.rand(B, L) > 0.2
     keep[:, 0] = True
-    gm, record = _rewritten(fn, (x, w, keep), {"policy": "exact"})
+    gm, record = rewritten(fn, (x, w, keep), {"policy": "exact"})
     sites = [s.id for s in record.sites]
     assert len(sites) == 2
     assert len({op._mask_groups[s] for s in sites}) == groups

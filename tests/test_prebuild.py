@@ -15,7 +15,7 @@ from adaattn_compile import op, prebuild
 from adaattn_compile.compiler import rewrite_graph
 from adaattn_compile.options import Options
 from adaattn_compile.report import Report
-from helpers import compile_and_run, rel_err
+from helpers import compile_and_run, rel_err, rewritten
 
 TRITON = {"kernel": "triton", "small_call_gflops": 0}
 
@@ -35,25 +35,13 @@ def _inputs(dtype=torch.float32, lq=24, lk=40, heads=2, dim=16):
             r(2, 1, lq, lk))
 
 
-def _rewritten(fn, args, options):
-    """(graph module, record) of ``fn``'s one graph after our passes, compiled by nothing."""
-    captured = {}
-
-    def backend(gm, example_inputs):
-        captured["record"] = rewrite_graph(gm, Options.parse(options), "graph0")
-        captured["gm"] = gm
-        return gm.forward
-    torch.compile(fn, backend=backend, dynamic=False)(*args)
-    return captured["gm"], captured["record"]
-
-
 def _decisions(record, **change):
     return {s.id: dataclasses.replace(s.decision, **change) for s in record.sites}
 
 
 def test_one_job_per_distinct_call_with_the_fake_layouts():
     args = _inputs()
-    gm, record = _rewritten(_three_sites, args, {"policy": "exact", **TRITON})
+    gm, record = rewritten(_three_sites, args, {"policy": "exact", **TRITON})
     assert len(record.sites) == 3
     jobs = prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))
     assert [len(j.sites) for j in jobs] == [2, 1]
@@ -75,18 +63,18 @@ def test_one_job_per_distinct_call_with_the_fake_layouts():
 ])
 def test_no_job_where_the_run_time_path_is_not_the_dense_triton_kernel(change):
     args = _inputs()
-    gm, record = _rewritten(_three_sites, args, {"policy": "exact", **TRITON})
+    gm, record = rewritten(_three_sites, args, {"policy": "exact", **TRITON})
     assert prebuild.jobs_for(gm, _decisions(record, **change), device_types=("cpu",)) == []
 
 
 def test_no_job_for_cpu_sites_dropout_or_dynamic_shapes():
     args = _inputs()
-    gm, record = _rewritten(_three_sites, args, {"policy": "exact", **TRITON})
+    gm, record = rewritten(_three_sites, args, {"policy": "exact", **TRITON})
     assert prebuild.jobs_for(gm, _decisions(record)) == []   # (cpu is not a prebuild device)
 
     def dropped(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    gm, record = _rewritten(dropped, args[:3], {"policy": "exact", **TRITON})
+    gm, record = rewritten(dropped, args[:3], {"policy": "exact", **TRITON})
     assert len(record.sites) == 1
     assert prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",)) == []
 
@@ -240,7 +228,7 @@ def test_masks_the_op_may_prove_add_variant_jobs_after_the_calls_as_written(
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 32, 16, generator=g) for _ in range(3))
     mask = torch.randn(*mask_shape, generator=g)
-    gm, record = _rewritten(_masked, (q, k, v, mask), {"policy": "exact", **TRITON})
+    gm, record = rewritten(_masked, (q, k, v, mask), {"policy": "exact", **TRITON})
     jobs = prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))
     assert not jobs[0].variant and jobs[0].mask.shape == mask_shape and not jobs[0].is_causal
     assert [(j.mask, j.is_causal) for j in jobs[1:]] == variants
@@ -256,7 +244,7 @@ def test_a_key_mask_proven_empty_is_a_variant_where_gradients_follow(monkeypatch
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 32, 16, generator=g) for _ in range(3))
     mask = torch.randn(2, 1, 1, 32, generator=g)
-    gm, record = _rewritten(_masked, (q, k, v, mask), {"policy": "exact", **TRITON})
+    gm, record = rewritten(_masked, (q, k, v, mask), {"policy": "exact", **TRITON})
     monkeypatch.setattr(op, "_training_sites", {s.id for s in record.sites})
     jobs = prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))
     assert [(j.mask, j.is_causal, j.variant) for j in jobs[1:]] == [(None, False, True)]
