@@ -25,7 +25,7 @@ class RecordingBound:
     def __init__(self, fn, grid, args, kwargs, log):
         self.fn, self.grid, self.args, self.kwargs, self.log = fn, grid, args, kwargs, log
 
-    def __call__(self, *tensors):
+    def __call__(self, *tensors, mask_group=None, mask_owner=None):
         self.log.append(tensors)
         args = list(self.args)
         args[:len(tensors)] = tensors
@@ -88,6 +88,28 @@ def test_second_call_takes_the_bound_launch_with_its_own_tensors(fast, mask_kind
     assert len(launches) == 2, "the second and third calls launch the bound kernel"
     for tensors in launches:
         assert tensors[0].data_ptr() != binds[0][0].data_ptr()
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool"])
+def test_the_bound_launch_keeps_the_blhd_layout(fast, mask_kind):
+    """``out_blhd``: out allocated as (B, L, H, D) memory on the bound launch as on the first
+    call (the signature tells the two layouts apart), with a mask group passed through."""
+    binds, launches = fast
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 19, 23, 16
+    for call, blhd in enumerate((True, True, True, False, False)):
+        torch.manual_seed(call)
+        q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, transposed=True)
+        mask = None
+        if mask_kind == "bool":
+            mask = torch.rand(B, 1, 1, Lk, device=DEV) > 0.3
+            mask[..., 0] = True
+        out, lse = flash.flash_forward(q, k, v, mask, False, None, blhd, "graph0/mask")
+        assert out.shape == (B, Hq, Lq, D)
+        assert out.transpose(1, 2).is_contiguous() if blhd else out.is_contiguous()
+        ref_out, _ = reference_with_lse(q, k, v, mask, False, SCALE)
+        assert _rel(out, ref_out) < 1e-4, call
+    assert len(binds) == 2, "one bind for each layout"
+    assert len(launches) == 3
 
 
 def test_a_different_signature_takes_the_full_path(fast, monkeypatch):
