@@ -346,19 +346,19 @@ def _key_mask_worth_proving(site, policy, kernel, q, k, flops) -> bool:
             and flops >= opts.low_rank_min_gflops * 1e9)
 
 
-def _drop_proven_mask(site, attn_mask, q, k, count=True, policy="", kernel=""):
+def _drop_proven_mask(site, attn_mask, q, k, count=True, policy="", kernel="", group=None):
     """(mask, is_causal) to run with: a run-time mask proven causal becomes ``is_causal``
     (blocks above the diagonal skipped, no mask read), causal AND a key mask becomes
     ``is_causal`` with the (.., 1, Lk) key mask, one that masks nothing goes; the result is
     the same (see :mod:`.mask_proofs`). A per-key mask is checked only where its proof can
     change the call (:func:`_key_mask_worth_proving`). ``count`` False: the backward's call
-    (gradients: key masks are checked; not counted)."""
+    (gradients: key masks are checked; not counted). ``group``: the site's mask group."""
     flops = planner.forward_flops(q.shape, k.shape[-2])
     if (count and attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1 and q.shape[-2] > 1
             and not _key_mask_worth_proving(site, policy, kernel, q, k, flops)):
         return attn_mask, False
     kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops,
-                                           _mask_groups.get(site))
+                                           group)
     if kind is None:
         if missed and count:
             stats.record_mask_miss(site)
@@ -549,8 +549,11 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     else:
         seed = _NO_SEED.new_zeros(1)   # a fresh tensor each call: outputs must not alias
         seed_value = 0
+    # (the graph's mask node the site reads: keys the mask's proof and its bias tile)
+    mask_group = None if attn_mask is None else _mask_groups.get(site)
     if attn_mask is not None and not is_causal:
-        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, True, policy, kernel)
+        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, True, policy, kernel,
+                                                 mask_group)
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
                    scale)
     kernel_used = chosen.kernel
@@ -580,9 +583,7 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
                 kernel_used = "triton" if result is not None else "reference"
             elif result is None and kernel_used == "triton":
                 result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                        out_blhd=out_blhd,
-                                        mask_group=None if attn_mask is None
-                                        else _mask_groups.get(site))
+                                        out_blhd=out_blhd, mask_group=mask_group)
         except Exception as exc:  # never lose the model to a kernel failure
             reason = f"Triton forward failed ({type(exc).__name__}: {str(exc)[:200]})"
             warn_once((site, "fwd", type(exc).__name__),
@@ -623,7 +624,8 @@ def attention_backward_impl(grad_out, q, k, v, attn_mask, out, lse, seed, dropou
                             scale, enable_gqa, site, policy, kernel, mask_needs_grad):
     """The backward of ``adaattn::attention``: -> (dq, dk, dv, dmask or an empty tensor)."""
     if attn_mask is not None and not is_causal and not mask_needs_grad:
-        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, count=False)
+        attn_mask, is_causal = _drop_proven_mask(site, attn_mask, q, k, count=False,
+                                                 group=_mask_groups.get(site))
     chosen = _plan(site, policy, kernel, q, k, v, attn_mask, is_causal, dropout_p, enable_gqa,
                    scale)
     stats.record_backward(site)
