@@ -346,6 +346,13 @@ def _key_mask_worth_proving(site, policy, kernel, q, k, flops) -> bool:
             and flops >= opts.low_rank_min_gflops * 1e9)
 
 
+def _key_mask_left_alone(site, attn_mask, q, k, policy, kernel, flops) -> bool:
+    """A forward call's per-key mask that is run as it is, unproven (see
+    :func:`_key_mask_worth_proving`)."""
+    return (attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1 and q.shape[-2] > 1
+            and not _key_mask_worth_proving(site, policy, kernel, q, k, flops))
+
+
 def _drop_proven_mask(site, attn_mask, q, k, count=True, policy="", kernel="", group=None):
     """(mask, is_causal) to run with: a run-time mask proven causal becomes ``is_causal``
     (blocks above the diagonal skipped, no mask read), causal AND a key mask becomes
@@ -354,8 +361,7 @@ def _drop_proven_mask(site, attn_mask, q, k, count=True, policy="", kernel="", g
     change the call (:func:`_key_mask_worth_proving`). ``count`` False: the backward's call
     (gradients: key masks are checked; not counted). ``group``: the site's mask group."""
     flops = planner.forward_flops(q.shape, k.shape[-2])
-    if (count and attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1 and q.shape[-2] > 1
-            and not _key_mask_worth_proving(site, policy, kernel, q, k, flops)):
+    if count and _key_mask_left_alone(site, attn_mask, q, k, policy, kernel, flops):
         return attn_mask, False
     kind, keys, missed = mask_proofs.check(attn_mask, q.shape[-2], k.shape[-2], site, flops,
                                            group)
@@ -526,6 +532,25 @@ def _demote(site, state, ladder, rung, error, why):
     stats.record_precision_check(site, rung, error, ladder[state.level], why)
 
 
+def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
+                is_causal, enable_gqa) -> bool:
+    """Whether a forward call that ran the dense flash kernel would take the same path again,
+    with nothing decided on the way: see the lanes above."""
+    if (site in _training_sites or attn_mask is not given_mask or is_causal != given_causal
+            or len(chosen.precisions) != 1):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (len(qs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1])
+            and (attn_mask is None or attn_mask.dim() == 4)):
+        return False   # (_flash_forward's steps would broadcast or reshape)
+    flops = planner.forward_flops(qs, ks[-2], is_causal)
+    if chosen.rank != "dense" and flops >= chosen.low_rank_min_flops:
+        return False
+    return (attn_mask is None or is_causal
+            or _key_mask_left_alone(site, attn_mask, q, k, policy, kernel,
+                                    planner.forward_flops(qs, ks[-2])))
+
+
 def _in_layout(out: Tensor, blhd: bool) -> Tensor:
     """``out`` in the layout the op's schema promises: contiguous, or with ``blhd`` a
     (B, H, L, D) view of (B, L, H, D) memory -- where the graph transposes the heads back next
@@ -540,9 +565,93 @@ def _in_layout(out: Tensor, blhd: bool) -> Tensor:
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+# ---------------------------------------------------------------------------------------------
+# Lanes. A forward call whose whole path is one bound launch of the dense kernel (no gradients
+# to follow, no dropout, a plan of one precision with no low-rank path open for the call's
+# size, its mask None, causal or a key mask run unproven, nothing to broadcast) is kept under
+# one key: the site, policy, kernel and GQA flag with the flash launch signature, which holds
+# all the plan's key holds. A later call with that key goes straight to the bound launch: the
+# plan's key, the mask-proof test and the layout steps are not taken again. Why: HF models
+# that call SDPA are host-bound at batch 1 on the H100 (their GPU work done in 3 ms of a 5 ms
+# forward), and every microsecond of the op's Python is paid in every layer, where SDPA's own
+# call costs ~25 us. A lane is valid while the site's options (the plan generation) and the
+# flash module's bound launches (its epoch) are those it was made with.
+
+class _Lane:
+    __slots__ = ("fast", "precision", "heads", "generation", "epoch")
+
+    def __init__(self, fast, precision, heads, generation, epoch):
+        self.fast, self.precision, self.heads = fast, precision, heads
+        self.generation, self.epoch = generation, epoch
+
+
+_lanes: Dict[tuple, _Lane] = {}
+_lane_sites: set = set()   # sites that have had a lane (only their calls build a lane's key)
+_LANES_LIMIT = 4096   # (a dynamic-length model makes one per length, as flash's signatures)
+_LANES_ON = True   # (off: every call takes the full path; for A/B timing)
+
+
+def _lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, kernel,
+              out_blhd) -> tuple:
+    return (site, policy, kernel, enable_gqa, _flash_module._fwd_signature(
+        q, k, v, attn_mask, is_causal, scale, out_blhd))
+
+
+def _lane_call(lane_key, q, k, v, attn_mask, site, out_blhd):
+    """-> (out, lse, seed) through the call's lane, or None (no valid lane: the full path)."""
+    lane = _lanes.get(lane_key)
+    if lane is None:
+        return None
+    flash = _flash_module
+    if lane.generation != _plan_generation or lane.epoch != flash.fast_epoch():
+        _lanes.pop(lane_key, None)
+        return None
+    try:
+        out, lse = flash.run_fast(lane.fast, q, k, v, attn_mask, out_blhd,
+                                  None if attn_mask is None else _mask_groups.get(site))
+    except Exception as exc:  # another triton's launcher: the full path from now on
+        flash.fast_launch_failed(exc)
+        clear_lanes()
+        return None
+    stats.record_call(site, "triton", lane.precision, "dense", lane.heads)
+    return out, lse, _NO_SEED.new_zeros(1)
+
+
+def _keep_lane(lane_key, generation, precision, q):
+    """After a full-path call that the lane conditions hold for: its lane, if flash kept a
+    bound launch for its signature (``lane_key[-1]``)."""
+    flash = _flash_module
+    epoch = flash.fast_epoch()
+    fast = flash.fast_entry(lane_key[-1])
+    if fast is None:
+        return
+    with _cache_lock:
+        if generation != _plan_generation:
+            return
+        if len(_lanes) >= _LANES_LIMIT:
+            _lanes.clear()
+        _lanes[lane_key] = _Lane(fast, precision, math.prod(q.shape[:-2]), generation, epoch)
+        _lane_sites.add(lane_key[0])
+
+
+def clear_lanes() -> None:
+    with _cache_lock:
+        _lanes.clear()
+        _lane_sites.clear()
+
+
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
                    kernel, out_blhd=False):
     """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed)."""
+    lanes_open = (_LANES_ON and dropout_p == 0.0 and _flash_module is not None
+                  and _flash_module._FAST_FWD_ON and not getattr(_grad_call, "on", False))
+    if lanes_open and site in _lane_sites:   # (other sites don't pay for the lane's key)
+        done = _lane_call(_lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site,
+                                    policy, kernel, out_blhd), q, k, v, attn_mask, site, out_blhd)
+        if done is not None:
+            return done
+    generation = _plan_generation
+    given_mask, given_causal = attn_mask, is_causal
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=_CPU)
         seed_value = int(seed)
@@ -584,6 +693,11 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
             elif result is None and kernel_used == "triton":
                 result = _flash_forward(q, k, v, attn_mask, is_causal, scale, enable_gqa,
                                         out_blhd=out_blhd, mask_group=mask_group)
+                if lanes_open and _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask,
+                                              attn_mask, given_causal, is_causal, enable_gqa):
+                    _keep_lane(_lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site,
+                                         policy, kernel, out_blhd),
+                               generation, precision_used, q)
         except Exception as exc:  # never lose the model to a kernel failure
             reason = f"Triton forward failed ({type(exc).__name__}: {str(exc)[:200]})"
             warn_once((site, "fwd", type(exc).__name__),

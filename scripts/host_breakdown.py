@@ -10,7 +10,8 @@ call's time, in rounds that take turns (the host's speed drifts within a run). F
     per forward): what our Python costs a forward, without a profiler's overhead;
   * the same forward with the op's body replaced by one that returns the outputs of an
     earlier call (no kernel, no Python of ours): the rest is the graph's own host time plus
-    the dispatcher's, so ``host - host(stub)`` is what the body costs.
+    the dispatcher's, so ``host - host(stub)`` is what the body costs;
+  * the same forward with the op's lanes off (``op._LANES_ON``: every call takes the full path).
 A host-probe (a fixed pure-Python loop) is printed with each model: the H100 machine's host
 speed moves by 2x between runs.
 """
@@ -115,8 +116,17 @@ def main():
             op_module.attention_impl = real
     stubbed()
 
+    def lanes_off():
+        op_module._LANES_ON = False
+        try:
+            return ours()
+        finally:
+            op_module._LANES_ON = True
+    lanes_off()
+
     # rounds of --calls calls of each, in turn: the host's speed drifts within a run
-    variants = {"stock": stock, "adaattn": ours, "adaattn, body stubbed": stubbed}
+    variants = {"stock": stock, "adaattn": ours, "adaattn, lanes off": lanes_off,
+                "adaattn, body stubbed": stubbed}
     host = {name: [] for name in variants}
     wall = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -133,7 +143,8 @@ def main():
     # the body and what it calls, timed in place
     originals = [(op_module, "attention_impl", _timed(op_module, "attention_impl"))]
     for module, name in ((op_module, "_drop_proven_mask"), (op_module, "_plan"),
-                         (op_module, "_flash_forward"), (flash, "flash_forward"),
+                         (op_module, "_lane_call"), (op_module, "_flash_forward"),
+                         (flash, "flash_forward"), (flash, "run_fast"),
                          (flash, "_fwd_signature"), (launch, "run_compiled"),
                          (stats_module, "record_call")):
         originals.append((module, name, _timed(module, name)))

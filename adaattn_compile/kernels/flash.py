@@ -964,8 +964,10 @@ def clear_compiled() -> None:
     process starts (``adaattn_compile.kernels.clear_compiled``)."""
     for jit_fn in _KERNELS.values():
         launch.drop_compiled(jit_fn)
+    global _FAST_EPOCH
     _TUNED.clear()
     _FAST_FWD.clear()
+    _FAST_EPOCH += 1
     _TMA_FAILED.clear()   # (a build that failed is tried again, as a new process would)
     _SM90_FAILED.clear()
 
@@ -1265,34 +1267,16 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd
     (every key masked) give out = 0 and lse = -inf, like the math path of
     ``F.scaled_dot_product_attention`` in torch >= 2.5.
     """
-    global _FAST_FWD_ON
     signature = None
     if _FAST_FWD_ON:
         signature = _fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd)
         fast = _FAST_FWD.get(signature)
         if fast is not None:
-            out = torch.empty(fast.out_shape, device=q.device, dtype=q.dtype)
-            if out_blhd:
-                out = out.transpose(1, 2)
-            lse = torch.empty(fast.lse_shape, device=q.device, dtype=torch.float32)
-            if attn_mask is None:
-                mask = fast.no_mask
-            else:
-                mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
             try:
-                with _on_device(q.device):
-                    if mask_group is None or attn_mask is None:
-                        fast.launch(q, k, v, mask, out, lse)
-                    else:   # (a Gluon launch may derive a tile from the mask: shared)
-                        fast.launch(q, k, v, mask, out, lse, mask_group=mask_group,
-                                    mask_owner=attn_mask)
-                return out, lse
+                return run_fast(fast, q, k, v, attn_mask, out_blhd, mask_group)
             except Exception as exc:  # another triton's launcher: the full path from now on
-                _FAST_FWD_ON = False
-                _FAST_FWD.clear()
+                fast_launch_failed(exc)
                 signature = None
-                warnings.warn(f"flash_forward: bound launch failed ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); taking the full launch path from now on")
     reason = supports(q, k, v, attn_mask, 0.0)
     if reason is not None:
         raise ValueError(f"flash_forward: {reason}")
@@ -1377,9 +1361,51 @@ class _FastForward:
         self.mask_bool, self.no_mask = mask_bool, no_mask
 
 
+def fast_entry(signature):
+    """The bound launch kept for a call signature (:func:`_fwd_signature`), or None."""
+    return _FAST_FWD.get(signature) if _FAST_FWD_ON else None
+
+
+def fast_epoch() -> int:
+    """Bumped whenever bound launches are dropped: a caller that keeps an entry of
+    :func:`fast_entry` checks it before launching the entry again."""
+    return _FAST_EPOCH
+
+
+def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None):
+    """:func:`flash_forward` through the bound launch ``fast`` (from :func:`fast_entry`; the
+    caller matched the call's signature): new outputs, one launch. Raises what the launch
+    raises (the caller then calls :func:`fast_launch_failed`)."""
+    out = torch.empty(fast.out_shape, device=q.device, dtype=q.dtype)
+    if out_blhd:
+        out = out.transpose(1, 2)
+    lse = torch.empty(fast.lse_shape, device=q.device, dtype=torch.float32)
+    if attn_mask is None:
+        mask = fast.no_mask
+    else:
+        mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
+    with _on_device(q.device):
+        if mask_group is None or attn_mask is None:
+            fast.launch(q, k, v, mask, out, lse)
+        else:   # (a Gluon launch may derive a tile from the mask: shared)
+            fast.launch(q, k, v, mask, out, lse, mask_group=mask_group, mask_owner=attn_mask)
+    return out, lse
+
+
+def fast_launch_failed(exc) -> None:
+    """A bound launch raised (another triton's launcher): the full launch path from now on."""
+    global _FAST_FWD_ON, _FAST_EPOCH
+    _FAST_FWD_ON = False
+    _FAST_FWD.clear()
+    _FAST_EPOCH += 1
+    warnings.warn(f"flash_forward: bound launch failed ({type(exc).__name__}: "
+                  f"{str(exc)[:200]}); taking the full launch path from now on")
+
+
 _FAST_FWD: dict = {}
 _FAST_FWD_LIMIT = 4096   # signatures kept (a dynamic-length model makes one per length)
 _FAST_FWD_ON = not _INTERPRET and launch.enabled()
+_FAST_EPOCH = 0
 _FWD_SWITCHES = ("ADAATTN_FLASH_SM90", "ADAATTN_FLASH_TMA", "ADAATTN_FLASH_WS",
                  "ADAATTN_FLASH_BIAS_DOT", "ADAATTN_FLASH_AUTOTUNE", "ADAATTN_FLASH_CONFIGS_FWD",
                  "ADAATTN_FLASH_CONFIGS_FWD_TMA", "ADAATTN_SM90_CAUSAL64", "ADAATTN_SM90_BIAS_TC",
@@ -1408,8 +1434,10 @@ def _remember_fast(signature, bound, out, lse, mask, attn_mask):
     """Keep the bound launch of a call that just ran (None: not launched directly)."""
     if bound is None:
         return
+    global _FAST_EPOCH
     if len(_FAST_FWD) >= _FAST_FWD_LIMIT:
         _FAST_FWD.clear()
+        _FAST_EPOCH += 1
     shape = tuple(out.shape)
     if signature[-1]:   # out_blhd: allocated as (B, L, H, D), then viewed (see _new_out)
         shape = (shape[0], shape[2], shape[1], shape[3])
