@@ -532,25 +532,6 @@ def _demote(site, state, ladder, rung, error, why):
     stats.record_precision_check(site, rung, error, ladder[state.level], why)
 
 
-def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
-                is_causal, enable_gqa) -> bool:
-    """Whether a forward call that ran the dense flash kernel would take the same path again,
-    with nothing decided on the way: see the lanes above."""
-    if (site in _training_sites or attn_mask is not given_mask or is_causal != given_causal
-            or len(chosen.precisions) != 1):
-        return False
-    qs, ks, vs = q.shape, k.shape, v.shape
-    if not (len(qs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1])
-            and (attn_mask is None or attn_mask.dim() == 4)):
-        return False   # (_flash_forward's steps would broadcast or reshape)
-    flops = planner.forward_flops(qs, ks[-2], is_causal)
-    if chosen.rank != "dense" and flops >= chosen.low_rank_min_flops:
-        return False
-    return (attn_mask is None or is_causal
-            or _key_mask_left_alone(site, attn_mask, q, k, policy, kernel,
-                                    planner.forward_flops(qs, ks[-2])))
-
-
 def _in_layout(out: Tensor, blhd: bool) -> Tensor:
     """``out`` in the layout the op's schema promises: contiguous, or with ``blhd`` a
     (B, H, L, D) view of (B, L, H, D) memory -- where the graph transposes the heads back next
@@ -595,6 +576,25 @@ def _lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, ke
               out_blhd) -> tuple:
     return (site, policy, kernel, enable_gqa, _flash_module._fwd_signature(
         q, k, v, attn_mask, is_causal, scale, out_blhd))
+
+
+def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
+                is_causal, enable_gqa) -> bool:
+    """Whether a forward call that ran the dense flash kernel would take the same path again,
+    with nothing decided on the way (the conditions of a lane, above)."""
+    if (site in _training_sites or attn_mask is not given_mask or is_causal != given_causal
+            or len(chosen.precisions) != 1):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (len(qs) == 4 and qs[0] == ks[0] == vs[0] and (enable_gqa or qs[1] == ks[1] == vs[1])
+            and (attn_mask is None or attn_mask.dim() == 4)):
+        return False   # (_flash_forward's steps would broadcast or reshape)
+    flops = planner.forward_flops(qs, ks[-2], is_causal)
+    if chosen.rank != "dense" and flops >= chosen.low_rank_min_flops:
+        return False
+    return (attn_mask is None or is_causal
+            or _key_mask_left_alone(site, attn_mask, q, k, policy, kernel,
+                                    planner.forward_flops(qs, ks[-2])))
 
 
 def _lane_call(lane_key, q, k, v, attn_mask, site, out_blhd):

@@ -962,9 +962,9 @@ _TUNED: dict = {}
 def clear_compiled() -> None:
     """Forget every kernel compiled, config tuned and launch bound in this process, as a new
     process starts (``adaattn_compile.kernels.clear_compiled``)."""
+    global _FAST_EPOCH
     for jit_fn in _KERNELS.values():
         launch.drop_compiled(jit_fn)
-    global _FAST_EPOCH
     _TUNED.clear()
     _FAST_FWD.clear()
     _FAST_EPOCH += 1
@@ -1432,9 +1432,9 @@ def _fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd=False):
 
 def _remember_fast(signature, bound, out, lse, mask, attn_mask):
     """Keep the bound launch of a call that just ran (None: not launched directly)."""
+    global _FAST_EPOCH
     if bound is None:
         return
-    global _FAST_EPOCH
     if len(_FAST_FWD) >= _FAST_FWD_LIMIT:
         _FAST_FWD.clear()
         _FAST_EPOCH += 1
