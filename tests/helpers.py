@@ -79,3 +79,18 @@ def reference_with_lse(q, k, v, mask, causal, scale):
     p = e / torch.where(l == 0, torch.ones_like(l), l)
     lse = (torch.log(l) + m).squeeze(-1)
     return p @ v, lse
+
+
+class RecordingBound:
+    """Stands in for ``launch.Bound`` where direct launches are off (the interpreter): runs
+    ``fn[grid]`` through triton with the call's tensors in the first positions of the argument
+    list, as a bound launch passes them, and logs those tensors in ``log``."""
+
+    def __init__(self, fn, grid, args, kwargs, log):
+        self.fn, self.grid, self.args, self.kwargs, self.log = fn, grid, args, kwargs, log
+
+    def __call__(self, *tensors, mask_group=None, mask_owner=None):
+        self.log.append(tensors)
+        args = list(self.args)
+        args[:len(tensors)] = tensors
+        self.fn[self.grid](*args, **self.kwargs)

@@ -12,24 +12,10 @@ import pytest
 import torch
 
 from adaattn_compile.kernels import flash, launch
-from helpers import reference_with_lse
+from helpers import RecordingBound, reference_with_lse
 
 SCALE = 1 / math.sqrt(16)   # every test here but the last has head dim 16
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class RecordingBound:
-    """Stands in for launch.Bound: launches ``fn[grid]`` through triton (the interpreter here)
-    with the call's tensors in the first positions, as a bound launch passes them."""
-
-    def __init__(self, fn, grid, args, kwargs, log):
-        self.fn, self.grid, self.args, self.kwargs, self.log = fn, grid, args, kwargs, log
-
-    def __call__(self, *tensors, mask_group=None, mask_owner=None):
-        self.log.append(tensors)
-        args = list(self.args)
-        args[:len(tensors)] = tensors
-        self.fn[self.grid](*args, **self.kwargs)
 
 
 @pytest.fixture

@@ -14,24 +14,10 @@ import adaattn_compile
 from adaattn_compile import op
 from adaattn_compile.kernels import flash, launch
 from adaattn_compile.options import Options
-from helpers import reference_with_lse
+from helpers import RecordingBound, reference_with_lse
 
 attention = torch.ops.adaattn.attention.default
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class RecordingBound:
-    """Stands in for launch.Bound: runs ``fn[grid]`` (interpreted here) with the call's
-    tensors in the first positions, as a bound launch passes them."""
-
-    def __init__(self, fn, grid, args, kwargs, log):
-        self.fn, self.grid, self.args, self.kwargs, self.log = fn, grid, args, kwargs, log
-
-    def __call__(self, *tensors, mask_group=None, mask_owner=None):
-        self.log.append(tensors)
-        args = list(self.args)
-        args[:len(tensors)] = tensors
-        self.fn[self.grid](*args, **self.kwargs)
 
 
 @pytest.fixture
