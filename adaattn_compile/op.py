@@ -578,6 +578,30 @@ def _lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, ke
         q, k, v, attn_mask, is_causal, scale, out_blhd))
 
 
+def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, kernel,
+               out_blhd):
+    """-> (out, lse, seed) through the call's lane, or None (no valid lane: the full path).
+    (The key is built here, not by :func:`_lane_key`: a call less on the op's busiest path.)"""
+    flash = _flash_module
+    lane_key = (site, policy, kernel, enable_gqa,
+                flash._fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd))
+    lane = _lanes.get(lane_key)
+    if lane is None:
+        return None
+    if lane.generation != _plan_generation or lane.epoch != flash._FAST_EPOCH:
+        _lanes.pop(lane_key, None)
+        return None
+    try:
+        out, lse = flash.run_fast(lane.fast, q, k, v, attn_mask, out_blhd,
+                                  None if attn_mask is None else _mask_groups.get(site))
+    except Exception as exc:  # another triton's launcher: the full path from now on
+        flash.fast_launch_failed(exc)
+        clear_lanes()
+        return None
+    stats.record_call(site, "triton", lane.precision, "dense", lane.heads)
+    return out, lse, _NO_SEED.new_zeros(1)
+
+
 def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
                 is_causal, enable_gqa) -> bool:
     """Whether a forward call that ran the dense flash kernel would take the same path again,
@@ -595,26 +619,6 @@ def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, gi
     return (attn_mask is None or is_causal
             or _key_mask_left_alone(site, attn_mask, q, k, policy, kernel,
                                     planner.forward_flops(qs, ks[-2])))
-
-
-def _lane_call(lane_key, q, k, v, attn_mask, site, out_blhd):
-    """-> (out, lse, seed) through the call's lane, or None (no valid lane: the full path)."""
-    lane = _lanes.get(lane_key)
-    if lane is None:
-        return None
-    flash = _flash_module
-    if lane.generation != _plan_generation or lane.epoch != flash.fast_epoch():
-        _lanes.pop(lane_key, None)
-        return None
-    try:
-        out, lse = flash.run_fast(lane.fast, q, k, v, attn_mask, out_blhd,
-                                  None if attn_mask is None else _mask_groups.get(site))
-    except Exception as exc:  # another triton's launcher: the full path from now on
-        flash.fast_launch_failed(exc)
-        clear_lanes()
-        return None
-    stats.record_call(site, "triton", lane.precision, "dense", lane.heads)
-    return out, lse, _NO_SEED.new_zeros(1)
 
 
 def _keep_lane(lane_key, generation, precision, q):
@@ -646,8 +650,8 @@ def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     lanes_open = (_LANES_ON and dropout_p == 0.0 and _flash_module is not None
                   and _flash_module._FAST_FWD_ON and not getattr(_grad_call, "on", False))
     if lanes_open and site in _lane_sites:   # (other sites don't pay for the lane's key)
-        done = _lane_call(_lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site,
-                                    policy, kernel, out_blhd), q, k, v, attn_mask, site, out_blhd)
+        done = _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy,
+                          kernel, out_blhd)
         if done is not None:
             return done
     generation = _plan_generation

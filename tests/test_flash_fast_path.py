@@ -254,3 +254,61 @@ def test_small_calls_stay_off_the_gluon_kernel(monkeypatch):
     assert flash._sm90_min_flops() == 0
     monkeypatch.setenv("ADAATTN_SM90_MIN_GFLOPS", "not a number")
     assert flash._sm90_min_flops() == 32e9
+
+
+@pytest.mark.parametrize("reads_mask", [True, False])
+def test_a_bool_mask_reaches_the_bound_launch_as_its_kernel_reads_it(reads_mask):
+    """A bound launch whose kernel reads the mask gets a bool mask as its uint8 view; one that
+    reads a bias tile built from it (the Gluon forward's BIAS_TC) gets the mask as it is."""
+    seen = []
+
+    class Bound:
+        def __call__(self, q, k, v, mask, out, lse, mask_group=None, mask_owner=None):
+            seen.append((mask, mask_group, mask_owner))
+
+    bound = Bound()
+    bound.reads_mask = reads_mask
+    q, k, v = _qkv(1, 2, 2, 16, 16, 16)
+    mask = torch.rand(1, 1, 1, 16, device=DEV) > 0.5
+    out, lse = torch.empty(1, 2, 16, 16, device=DEV), torch.empty(1, 2, 16, device=DEV)
+    signature = flash._fwd_signature(q, k, v, mask, False, None)
+    try:
+        flash._remember_fast(signature, bound, out, lse, mask.view(torch.uint8), mask)
+        entry = flash._FAST_FWD[signature]
+        got_out, got_lse = flash.run_fast(entry, q, k, v, mask, False, "graph0/mask")
+    finally:
+        flash._FAST_FWD.pop(signature, None)
+    (passed, group, owner), = seen
+    assert passed.dtype == (torch.uint8 if reads_mask else torch.bool)
+    assert passed.data_ptr() == mask.data_ptr() and owner is mask and group == "graph0/mask"
+    assert got_out.shape == out.shape and got_lse.shape == lse.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_bool_key_mask_through_the_gluon_bound_launch(head_dim):
+    """BERT's case on Hopper: a (B, 1, 1, Lk) bool padding mask with masked keys, read as a bias
+    tile next to K; the bound launch takes the mask as it is (no uint8 view) and the tile is
+    shared by the calls of one mask group. Fresh masks each call: a stale tile would show."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("the Gluon forward runs on sm90")
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 4096, head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    flash._FAST_FWD.clear()
+    old = flash._FAST_FWD_ON
+    flash._FAST_FWD_ON = launch.enabled()
+    try:
+        for call in range(4):
+            mask = torch.rand(2, 1, 1, 4096, device="cuda") > 0.1
+            mask[..., 0] = True
+            out, _ = flash.flash_forward(q, k, v, mask, False, None, False, "graph0/mask")
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+            assert _rel(out, ref) < 2e-2, call
+        if launch.enabled():
+            (entry,) = flash._FAST_FWD.values()
+            assert getattr(entry.launch, "reads_mask", True) is False and not entry.mask_bool
+    finally:
+        flash._FAST_FWD_ON = old
+        flash._FAST_FWD.clear()

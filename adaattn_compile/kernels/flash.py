@@ -1354,6 +1354,9 @@ def flash_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, out_blhd
 # runs on the GPU. The whole op call went from 96 to 66 us there.)
 
 class _FastForward:
+    """A bound launch with what its caller prepares: the outputs' shapes, whether a bool mask
+    is passed as its uint8 view (``mask_bool``: the kernel reads it; a Gluon launch with a bias
+    tile reads the tile instead, and takes the mask as it is) and the stand-in for no mask."""
     __slots__ = ("launch", "out_shape", "lse_shape", "mask_bool", "no_mask")
 
     def __init__(self, bound, out_shape, lse_shape, mask_bool, no_mask):
@@ -1376,15 +1379,16 @@ def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None):
     """:func:`flash_forward` through the bound launch ``fast`` (from :func:`fast_entry`; the
     caller matched the call's signature): new outputs, one launch. Raises what the launch
     raises (the caller then calls :func:`fast_launch_failed`)."""
-    out = torch.empty(fast.out_shape, device=q.device, dtype=q.dtype)
+    device = q.device
+    out = torch.empty(fast.out_shape, device=device, dtype=q.dtype)
     if out_blhd:
         out = out.transpose(1, 2)
-    lse = torch.empty(fast.lse_shape, device=q.device, dtype=torch.float32)
+    lse = torch.empty(fast.lse_shape, device=device, dtype=torch.float32)
     if attn_mask is None:
         mask = fast.no_mask
     else:
         mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
-    with _on_device(q.device):
+    with _on_device(device):
         if mask_group is None or attn_mask is None:
             fast.launch(q, k, v, mask, out, lse)
         else:   # (a Gluon launch may derive a tile from the mask: shared)
@@ -1443,7 +1447,8 @@ def _remember_fast(signature, bound, out, lse, mask, attn_mask):
         shape = (shape[0], shape[2], shape[1], shape[3])
     _FAST_FWD[signature] = _FastForward(
         bound, shape, tuple(lse.shape),
-        attn_mask is not None and attn_mask.dtype == torch.bool,
+        (attn_mask is not None and attn_mask.dtype == torch.bool
+         and getattr(bound, "reads_mask", True)),
         mask if attn_mask is None else None)
 
 

@@ -1002,7 +1002,8 @@ def _bias_tc(q, mask, mask_flags, sm_scale):
 def _bias_tile(mask, shape, mask_strides, is_bool, dtype, rows):
     """The (B|1, H|1, Lk, 16) tile read next to K for BIAS_TC: column 0 (and 1 if ``rows`` is
     2) the bias of key j (a bool mask: 0 / -inf), zeros elsewhere. ``mask``: the caller's row
-    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as their uint8 view.
+    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as they are or as their
+    uint8 view.
 
     This runs at every masked call, so an additive row takes two ops: a zero tile and one
     strided copy of the row into its first columns. (``F.pad`` of the expanded row cost more
@@ -1299,6 +1300,13 @@ class BoundForward:
     def __init__(self, kernel, programs, device, layouts, tail, bias):
         self.kernel, self.programs, self.device = kernel, programs, device
         self.layouts, self.tail, self.bias = layouts, tail, bias
+
+    @property
+    def reads_mask(self) -> bool:
+        """Whether the kernel reads the mask argument (with a bias tile it reads the tile, which
+        is built from the mask here: a bool mask may then come as it is, not as its uint8
+        view, one op less a call)."""
+        return self.bias is None
 
     def __call__(self, q, k, v, mask, out, lse, mask_group=None, mask_owner=None):
         (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v), o_layout = self.layouts
