@@ -625,7 +625,7 @@ def _keep_lane(lane_key, generation, precision, q):
     """After a full-path call that the lane conditions hold for: its lane, if flash kept a
     bound launch for its signature (``lane_key[-1]``)."""
     flash = _flash_module
-    epoch = flash.fast_epoch()
+    epoch = flash._FAST_EPOCH
     fast = flash.fast_entry(lane_key[-1])
     if fast is None:
         return

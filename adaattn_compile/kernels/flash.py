@@ -1369,12 +1369,6 @@ def fast_entry(signature):
     return _FAST_FWD.get(signature) if _FAST_FWD_ON else None
 
 
-def fast_epoch() -> int:
-    """Bumped whenever bound launches are dropped: a caller that keeps an entry of
-    :func:`fast_entry` checks it before launching the entry again."""
-    return _FAST_EPOCH
-
-
 def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None):
     """:func:`flash_forward` through the bound launch ``fast`` (from :func:`fast_entry`; the
     caller matched the call's signature): new outputs, one launch. Raises what the launch
@@ -1409,6 +1403,8 @@ def fast_launch_failed(exc) -> None:
 _FAST_FWD: dict = {}
 _FAST_FWD_LIMIT = 4096   # signatures kept (a dynamic-length model makes one per length)
 _FAST_FWD_ON = not _INTERPRET and launch.enabled()
+# Bumped whenever bound launches are dropped: a caller that keeps an entry of fast_entry (the
+# op's lanes) checks it is unchanged before launching the entry again.
 _FAST_EPOCH = 0
 _FWD_SWITCHES = ("ADAATTN_FLASH_SM90", "ADAATTN_FLASH_TMA", "ADAATTN_FLASH_WS",
                  "ADAATTN_FLASH_BIAS_DOT", "ADAATTN_FLASH_AUTOTUNE", "ADAATTN_FLASH_CONFIGS_FWD",
