@@ -30,10 +30,12 @@ RANKS = ("auto", "dense", "low")
 # stock; GPT at L = 1024, 1.6: 0.83x; Llama-1B's 4.3 at L = 1024 already gains: 1.28x; H100,
 # eighth session).
 DEFAULT_SMALL_CALL_GFLOPS = 2.0
-# Where precision="auto" offers the 8-bit kernel: None = nowhere. On the H100 it measured slower
-# than the dense bf16 kernel at every length (benchmarks/RESULTS.md, seventeenth session), so
-# it is opt-in: int8_min_seq_len=N offers it (checked on sampled rows, as every lower
-# precision is) where min(q_len, k_len) >= N; precision="int8" forces it.
+# Where precision="auto" offers the 8-bit kernel: None = nowhere. On the H100 the whole 8-bit
+# forward (pre-pass + the sm90 kernel) measured slower than the dense bf16 kernel up to 8k and
+# level with it at 16k (causal; 6 % ahead not causal: benchmarks/RESULTS.md, twenty-first
+# session), so it is opt-in:
+# int8_min_seq_len=N offers it (checked on sampled rows, as every lower precision is) where
+# min(q_len, k_len) >= N; precision="int8" forces it.
 DEFAULT_INT8_MIN_SEQ_LEN = None
 
 

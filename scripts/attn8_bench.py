@@ -11,8 +11,11 @@ all-MiniLM-L6-v2 with its real weights (``ADAATTN_MINILM_DIR``), at L = 512. The
 kernel's error on the same inputs is listed beside ours.
 
 Speed: bf16, B·L = 16k tokens, H = 2048 / D (the DESIGN table's shapes), do_bench medians;
-our 8-bit forward whole (pre-pass + kernel), and its pre-pass alone. ``--configs`` tries
-(BLOCK_M, BLOCK_N, warps, stages) settings of the kernel (ADAATTN_ATTN8_CONFIG).
+our 8-bit forward whole (pre-pass + kernel: on sm90 the Gluon kernel), its kernel and its
+pre-pass alone, and on sm90 the Triton-language 8-bit kernel's too (``int8_triton_kernel``).
+``--configs`` tries (BLOCK_M, BLOCK_N, warps, stages) settings of the Triton kernel
+(ADAATTN_ATTN8_CONFIG), or with a ``sm90:`` prefix (BLOCK_N, STAGES, PREGS, CREGS) of the
+Gluon one (ADAATTN_ATTN8_SM90_CONFIG).
 """
 import argparse
 import json
@@ -27,13 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from adaattn_compile.kernels import attn8, flash  # noqa: E402
 
 
-def reference(q, k, v, causal=False):
+def reference(q, k, v, causal=False, scale=None):
     """float64 attention, chunked over query rows (L = 16k would need 2 GB a head)."""
     q, k, v = q.double(), k.double(), v.double()
     if k.shape[1] != q.shape[1]:
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    scale = 1 / math.sqrt(q.shape[-1])
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64, device=q.device)
     for i in range(0, q.shape[-2], 1024):
         s = q[..., i:i + 1024, :] @ k.transpose(-1, -2) * scale
@@ -91,16 +94,29 @@ def accuracy(rows, dtype=torch.bfloat16):
     if os.environ.get("ADAATTN_MINILM_DIR"):
         for i, (mq, mk, mv) in enumerate(minilm_qkv()):
             cases.append((f"(c) all-MiniLM-L6-v2 layer {i}", mq, mk, mv, False))
+        for i, (mq, mk, mv) in enumerate(minilm_qkv()):
+            # head dim 32 runs the Triton kernel; zero-padded to 64 (same scores, same output
+            # in the first 32 channels) the same activations run the sm90 Gluon one
+            pad = [torch.nn.functional.pad(x, (0, 32)) for x in (mq, mk, mv)]
+            cases.append((f"(c) all-MiniLM-L6-v2 layer {i}, D padded to 64", *pad, False))
     for name, q, k, v, causal in cases:
         qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        padded = "padded" in name
+        scale = 1 / math.sqrt(32) if padded else None
         # float64 of the bf16 inputs: the kernels' error, not the inputs' rounding
-        ref = reference(qd, kd, vd, causal)
-        ours = errors(attn8.forward(qd, kd, vd, None, causal)[0], ref)
-        dense = errors(flash.flash_forward(qd, kd, vd, None, causal)[0], ref)
+        ref = reference(qd, kd, vd, causal, scale)
+        out = attn8.forward(qd, kd, vd, None, causal, scale)[0]
+        if padded:
+            out, ref = out[..., :32], ref[..., :32]
+        ours = errors(out, ref)
+        ours["kernel"] = ("sm90" if attn8.sm90_unsupported(qd, kd, vd) is None else "triton")
+        dense_out = flash.flash_forward(qd, kd, vd, None, causal, scale)[0]
+        dense = errors(dense_out[..., :32] if padded else dense_out, ref)
         row = {"case": name, "shape": list(q.shape), "dtype": str(dtype), "int8": ours,
                "dense_bf16": dense}
         rows.append(row)
-        print(f"{name:48s} int8 rel {ours['rel_l2']:.2e} cos {ours['cosine']:.6f} | "
+        print(f"{name:48s} int8 ({ours['kernel']}) rel {ours['rel_l2']:.2e} "
+              f"cos {ours['cosine']:.6f} | "
               f"dense rel {dense['rel_l2']:.2e}", flush=True)
 
 
@@ -126,23 +142,42 @@ def speed(rows, configs, lengths, dims):
                 row["dense"] = tf(do_bench(lambda: flash.flash_forward(q, k, v, None, causal),
                                            return_mode="median"))
                 for cfg in configs:
+                    # (a config of the Gluon kernel: "sm90:BLOCK_N,STAGES,PREGS,CREGS")
+                    var = "ADAATTN_ATTN8_SM90_CONFIG" if cfg.startswith("sm90:") else \
+                        "ADAATTN_ATTN8_CONFIG"
+                    os.environ.pop("ADAATTN_ATTN8_CONFIG", None)
+                    os.environ.pop("ADAATTN_ATTN8_SM90_CONFIG", None)
                     if cfg:
-                        os.environ["ADAATTN_ATTN8_CONFIG"] = cfg
-                    else:
-                        os.environ.pop("ADAATTN_ATTN8_CONFIG", None)
+                        os.environ[var] = cfg.replace("sm90:", "")
                     try:
                         whole = do_bench(lambda: attn8.forward(q, k, v, None, causal),
                                          return_mode="median")
-                        t = attn8.quantise(q, k, v)
-                        pre = do_bench(lambda: attn8.quantise(q, k, v), return_mode="median")
-                        kern = do_bench(lambda: attn8.attend(t, q, k, v, None, causal),
-                                        return_mode="median")
+                        if attn8.sm90_unsupported(q, k, v) is None:
+                            # the Gluon kernel on its own form of the pre-pass
+                            from adaattn_compile.kernels import attn8_hopper
+                            t = attn8.quantise(q, k, v, sm90=True)
+                            pre = do_bench(lambda: attn8.quantise(q, k, v, sm90=True),
+                                           return_mode="median")
+                            o = torch.empty_like(q)
+                            lse = torch.empty(q.shape[:3], device="cuda")
+                            kern = do_bench(lambda: attn8_hopper.attend(t, q, causal, L, o, lse),
+                                            return_mode="median")
+                            t = attn8.quantise(q, k, v)
+                            row["int8_triton_kernel"] = tf(do_bench(
+                                lambda: attn8.attend(t, q, k, v, None, causal),
+                                return_mode="median"))
+                        else:
+                            t = attn8.quantise(q, k, v)
+                            pre = do_bench(lambda: attn8.quantise(q, k, v), return_mode="median")
+                            kern = do_bench(lambda: attn8.attend(t, q, k, v, None, causal),
+                                            return_mode="median")
                         row[f"int8[{cfg or 'default'}]"] = {
                             "whole": tf(whole), "kernel": tf(kern), "prepass_ms": pre,
-                            "whole_ms": whole}
+                            "whole_ms": whole, "vs_cudnn": tf(whole) / row["cudnn"]}
                     except Exception as exc:
                         row[f"int8[{cfg or 'default'}]"] = f"{type(exc).__name__}: {exc}"[:300]
                 os.environ.pop("ADAATTN_ATTN8_CONFIG", None)
+                os.environ.pop("ADAATTN_ATTN8_SM90_CONFIG", None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del q, k, v

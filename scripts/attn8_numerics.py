@@ -10,7 +10,9 @@ block, each with and without the Hadamard rotation; K smoothed (its mean subtrac
 P·V choices (Q·Kᵀ exact): e4m3 P and V (per-channel V scale), INT8 P on 128 levels, INT8 P on
 255 levels (offset by 127) with INT8 V per block and channel. P is taken relative to the
 running max of 128-key blocks, as the online softmax sees it, or (the kernel's choice) rounded
-relative to each tile row's own max and scaled back.
+relative to each tile row's own max and scaled back. Whole forwards, both products quantised:
+the Triton kernel's form (K per token, P on 255 levels, V per block and channel) and the sm90
+kernel's (K per block, P on 128 levels, V rotated with one scale per block).
 """
 import argparse
 import math
@@ -93,6 +95,29 @@ def v_int8_block_channel(v, block=128):
     return (torch.round(vb / s) * s).reshape(v.shape)
 
 
+def whole_error(q, k, v, k_quant, levels, v_quant, block=128):
+    """Both products quantised as a kernel does them: Q per token and K by ``k_quant`` after
+    smoothing (the mean of the first ``block`` keys) and the rotation; P rounded to ``levels``
+    relative to each tile row's max; V by ``v_quant`` (which gets the rotation matrix)."""
+    d = q.shape[-1]
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    m = hadamard(d)
+    s = int8_rows((q / math.sqrt(d)) @ m) @ k_quant(
+        (k - k[..., :block, :].mean(-2, keepdim=True)) @ m).transpose(-1, -2)
+    b, h, n, _ = s.shape
+    sb = s.reshape(b, h, n, n // block, block)
+    top = sb.amax(-1, keepdim=True)
+    w = torch.round(torch.exp(sb - top) * levels) / levels * torch.exp(top - top.amax(-2, True))
+    vq = v_quant(v, m).reshape(b, h, n // block, block, -1)
+    out = torch.einsum("bhlnk,bhnkd->bhld", w, vq) / w.sum((-1, -2))[..., None]
+    return rel(out, ref)
+
+
+def v_rotated_blocks(v, m, block=128):
+    """V·R with one int8 scale per block, turned back (R orthogonal here)."""
+    return int8_blocks(v @ m, block) @ m.T
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=4096)
@@ -123,6 +148,12 @@ def main():
             ("... P per tile row's max", p255, v_int8_block_channel, True)):
         errors = [pv_error(q, kk, v, p_quant, v_quant, tile_max=tile_max)
                   for kk in inputs.values()]
+        print(f"{label:30s}" + "".join(f"{e:12.2e}" for e in errors), flush=True)
+    print("Whole forward (both products)")
+    for label, k_quant, levels, v_quant in (
+            ("Triton kernel's form", int8_rows, 254, lambda v, m: v_int8_block_channel(v)),
+            ("sm90 kernel's form", int8_blocks, 127, v_rotated_blocks)):
+        errors = [whole_error(q, kk, v, k_quant, levels, v_quant) for kk in inputs.values()]
         print(f"{label:30s}" + "".join(f"{e:12.2e}" for e in errors), flush=True)
 
 

@@ -223,6 +223,62 @@ def test_quantise_roundtrip_and_k_smoothing():
     assert rel_err(v_back * scales, v[0, 0]) < 1e-2
 
 
+@pytest.mark.parametrize("L,D", [(70, 32), (200, 64)])
+def test_quantise_in_the_sm90_kernels_form(L, D):
+    """The sm90 form (what attn8_hopper reads): one K scale per block of keys, V·R with one
+    scale per block, V's keys in the P operand's order; the attention those tensors describe
+    (the kernel's math without P's rounding, in float64) matches float64 attention, and its
+    lse too."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, L, D, device=DEV) for _ in range(3))
+    t = attn8.quantise(q, k, v, sm90=True)
+    rows, Lk_p = t["rows"], t["Lk_p"]
+    assert t["sm90"]
+    for name in ("ks", "vs"):
+        per_block = t[name].reshape(1, 2, Lk_p // rows, -1)
+        assert torch.equal(per_block, per_block[..., :1].expand_as(per_block)), name
+    n = torch.arange(Lk_p, device=DEV)
+    place = (n & ~15) | (((n >> 1) & 3) << 2) | (((n >> 3) & 1) << 1) | (n & 1)
+    assert torch.equal(place.sort().values, n)   # a permutation of each 16 keys
+    v_rot = t["v8t"].double()[..., place].transpose(-1, -2) * \
+        t["vs"][..., :1].double().repeat_interleave(rows, -2)
+    s = (t["q8"].double() @ t["k8"].double().transpose(-1, -2)
+         * t["qs"].double()[..., None] * t["ks"].double()[..., None, :])[..., :L, :L]
+    s = s * math.log(2)   # (the scales give log2 units)
+    out = torch.softmax(s, -1) @ v_rot[..., :L, :] @ attn8._rotation_cpu(D).double().T.to(DEV) / D
+    ref, ref_lse = reference_with_lse(q, k, v, None, False, 1 / math.sqrt(D))
+    assert rel_err(out, ref) < 2.5e-2
+    lse = torch.logsumexp(s, -1) + t["qm"].double()[..., :L] * math.log(2)
+    assert (lse - ref_lse).abs().max() < 5e-2
+
+
+def test_quantise_sm90_form_needs_equal_head_dims():
+    q, k = torch.randn(1, 1, 8, 32), torch.randn(1, 1, 8, 32)
+    with pytest.raises(ValueError, match="D == Dv"):
+        attn8.quantise(q, k, torch.randn(1, 1, 8, 16), sm90=True)
+
+
+def test_sm90_kernel_says_why_not():
+    """Off sm90, with a mask or another head dim the 8-bit forward stays on the Triton kernel
+    (the capability is passed in: checked without the device where the interpreter is off)."""
+    from types import SimpleNamespace
+
+    from adaattn_compile.kernels import attn8_hopper
+    q = torch.randn(1, 1, 8, 64)
+    assert attn8.sm90_unsupported(q, q, q) is not None   # a CPU tensor
+    if not attn8_hopper.AVAILABLE or attn8_hopper._INTERPRET:
+        return
+
+    def like(d=64):
+        return SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 1, 8, d))
+    x = like()
+    assert "sm80" in attn8_hopper.unsupported(x, x, x, None, (8, 0))
+    assert "mask" in attn8_hopper.unsupported(x, x, x, object(), (9, 0))
+    assert "head dims" in attn8_hopper.unsupported(like(96), like(96), like(96), None, (9, 0))
+    assert "head dims" in attn8_hopper.unsupported(x, x, like(128), None, (9, 0))
+    assert attn8_hopper.unsupported(x, x, x, None, (9, 0)) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # the sampled-row check
 
@@ -388,9 +444,13 @@ def test_explain_shows_the_ladder_and_the_run_time_precision(sm90):
 # GPU: bf16 at real sizes (the interpreter computes bf16 wrongly)
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("inputs", ["normal", "key bias", "outlier keys"])
-def test_int8_kernel_bf16_real_sizes(inputs, causal):
+def test_int8_kernel_bf16_real_sizes(inputs, causal, kernel, monkeypatch):
+    """``sm90``: the Gluon kernel where the device has it (else the same Triton one)."""
+    if kernel == "triton":
+        monkeypatch.setenv("ADAATTN_ATTN8_SM90", "0")
     torch.manual_seed(6)
     q, k, v = (torch.randn(2, 4, 4096, 128, device="cuda") for _ in range(3))
     if inputs == "key bias":    # a channel-wise bias: smoothing removes it
@@ -409,6 +469,39 @@ def test_int8_kernel_bf16_real_sizes(inputs, causal):
     # (outlier keys: scores reach ~20, and 8-bit products err in proportion)
     lse_limit = 4e-2 if inputs == "outlier keys" else 2e-2
     assert ((lse.double() - ref_lse).abs() / (1 + ref_lse.abs())).max() < lse_limit
+
+
+SM90_CASES = [  # (B, Hq, Hk, Lq, Lk, D, causal, dtype)
+    (1, 4, 4, 1000, 1000, 128, False, torch.bfloat16),
+    (1, 4, 4, 1000, 1000, 128, True, torch.bfloat16),
+    (1, 4, 4, 77, 333, 64, False, torch.float16),
+    (1, 4, 4, 333, 77, 128, True, torch.float16),
+    (1, 8, 2, 2048, 1536, 128, False, torch.bfloat16),
+    (1, 8, 1, 1537, 1537, 64, True, torch.bfloat16),
+    (3, 2, 2, 1, 129, 128, False, torch.bfloat16),
+    (1, 2, 2, 130, 1, 64, True, torch.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SM90_CASES, ids=lambda c: "-".join(map(str, c[:7])))
+def test_sm90_int8_kernel_shapes(case):
+    """The Gluon kernel (sm90) on ragged and unequal lengths, causal, GQA / MQA, both head
+    dims, fp16 and bf16."""
+    B, Hq, Hk, Lq, Lk, D, causal, dtype = case
+    torch.manual_seed(hash(case) % 2**31)
+    q = torch.randn(B, Hq, Lq, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, Hk, Lk, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, Hk, Lk, D, device="cuda", dtype=dtype)
+    if attn8.sm90_unsupported(q, k, v) is not None:
+        pytest.skip(attn8.sm90_unsupported(q, k, v))
+    out, lse = attn8.forward(q, k, v, None, causal)
+    ref, ref_lse = reference_with_lse(q, k, v, None, causal, 1 / math.sqrt(D))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 3e-2
+    # (a causal head's first rows see a key or two: their lse is a score or two, each with its
+    # 8-bit product's error, K's scale being its block's: up to 6.2e-2 at D = 64, H100)
+    assert (lse.double() - ref_lse).abs().max() < 1e-1
 
 
 @pytest.mark.gpu

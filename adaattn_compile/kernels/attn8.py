@@ -1,6 +1,9 @@
 """8-bit attention forward (sm89+): INT8 Q·Kᵀ and INT8 P·V, fp32 softmax and accumulation.
 
-Two launches a call, from :func:`forward`:
+On sm90 without a mask and with D = Dv in {64, 128}, :func:`forward` runs the Gluon kernel of
+:mod:`.attn8_hopper` on this module's pre-pass in its ``sm90`` form (one scale per block of K
+and of V·R, P on 128 levels: see there); everything else runs the Triton-language kernel
+below. Two launches a call, from :func:`forward`:
 
 * ``_quant_kernel``, the pre-pass: one launch quantises Q, K and V (its programs take row
   blocks of Q, then of K / V). Q and K are rotated by ``R = diag(signs)·H`` (H a Sylvester
@@ -54,7 +57,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .flash import _fwd_epilogue, _load_mask_tile, _prep_mask
+from .flash import _capability, _fwd_epilogue, _load_mask_tile, _prep_mask
 from .flash import supports as _flash_supports
 
 __all__ = ["supports", "forward", "quantise", "attend"]
@@ -71,17 +74,26 @@ def _round_i8(x):
 
 
 @triton.jit
-def _rotate_quantise(x, rot):
+def _rotate_quantise(x, rot, PER_BLOCK: tl.constexpr = False, SPLIT: tl.constexpr = True):
     """-> (x·rot as int8 with one scale per row, that scale). Zero rows get scale 0. The
-    product runs on fp16 tensor cores in two terms: x scaled by its row's max into [-1, 1],
-    split into fp16 high and low parts (22 bits of mantissa together; rot's +-1 entries are
-    exact), where one fp32 (tf32) operand pair would cost twice the registers."""
+    product runs on fp16 tensor cores: x scaled by its row's max into [-1, 1], with SPLIT in
+    two terms, fp16 high and low parts (22 bits of mantissa together; rot's +-1 entries are
+    exact), where one fp32 (tf32) operand pair would cost twice the registers; without, fp16's
+    rounding (2^-11 of the row's max) is a twentieth of int8's. PER_BLOCK: one scale for all
+    rows (repeated per row)."""
     xmax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
     xn = x / xmax[:, None]
     hi = xn.to(tl.float16)
-    lo = (xn - hi.to(tl.float32)).to(tl.float16)
-    xr = tl.dot(hi, rot) + tl.dot(lo, rot)
+    if SPLIT:
+        lo = (xn - hi.to(tl.float32)).to(tl.float16)
+        xr = tl.dot(hi, rot) + tl.dot(lo, rot)
+    else:
+        xr = tl.dot(hi, rot)
     amax = tl.max(tl.abs(xr), 1)
+    if PER_BLOCK:   # the block's largest entry; xr is in units of each row's max
+        top = tl.max(amax * xmax, 0)
+        inv = 127.0 * xmax / tl.maximum(top, 1e-30)
+        return _round_i8(xr * inv[:, None]), tl.zeros_like(amax) + top / 127.0
     inv = 127.0 / tl.maximum(amax, 1e-30)   # a zero row stays zero
     return _round_i8(xr * inv[:, None]), amax * xmax / 127.0
 
@@ -102,13 +114,24 @@ def _quant_kernel(Q, K, V, Rot, Q8, QS, QM, K8, KS, V8T, VS, VC,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   Hq, Hk, Lq, Lk, Lq_p, Lk_p, n_q_blocks, qk_scale, qk_log2,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  ROWS: tl.constexpr):
+                  ROWS: tl.constexpr, SM90: tl.constexpr):
+    """Programs (pid, b * max(Hq, Hk) + h): Q's row blocks, then K's (and V's: in the same
+    program, or with SM90 in programs of their own after K's).
+
+    SM90 (the form :mod:`.attn8_hopper` reads): K with one scale per block of ROWS keys; V·R
+    with one scale per block (rotated, no channel stands out, and a block's scale is then a
+    factor per row of the P·V product, not per column), its keys in the order the kernel's P
+    operand takes them; one fp16 product per rotation (SPLIT off); K smoothed by the mean of
+    its first 16 keys (every Q and K program reads them; 128 cost each program 32 KB more)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     offs_d = tl.arange(0, BD)
     offs_r = tl.arange(0, ROWS)
+    MEAN_ROWS: tl.constexpr = 16 if SM90 else ROWS
+    offs_mean = tl.arange(0, MEAN_ROWS)
+    n_k_blocks = Lk_p // ROWS
     if pid < n_q_blocks:
         rows = pid * ROWS + offs_r
         x = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -116,44 +139,63 @@ def _quant_kernel(Q, K, V, Rot, Q8, QS, QM, K8, KS, V8T, VS, VC,
                     mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
         x = x.to(tl.float32)
         rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
-        q8, scale = _rotate_quantise(x, rot)
+        q8, scale = _rotate_quantise(x, rot, False, not SM90)
         bh = (b * Hq + h).to(tl.int64)
         tl.store(Q8 + bh * Lq_p * BD + rows[:, None] * BD + offs_d[None, :], q8)
         tl.store(QS + bh * Lq_p + rows, scale * qk_scale)
         # what smoothing K took out of each row's scores (q . mean), for the lse
         mean = _first_keys_mean(K + b.to(tl.int64) * stride_kb
                                 + (h // (Hq // Hk)).to(tl.int64) * stride_kh,
-                                stride_kn, stride_kd, offs_r, offs_d, Lk, D, ROWS)
+                                stride_kn, stride_kd, offs_mean, offs_d, Lk, D, MEAN_ROWS)
         tl.store(QM + bh * Lq_p + rows, tl.sum(x * mean[None, :], 1) * qk_log2)
     elif h < Hk:
         blk = pid - n_q_blocks
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        d_ok = offs_d[None, :] < D
-        mean = _first_keys_mean(k_base, stride_kn, stride_kd, offs_r, offs_d, Lk, D, ROWS)
-        rows = blk * ROWS + offs_r
-        r_ok = rows[:, None] < Lk
-        x = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=r_ok & d_ok, other=0.0).to(tl.float32)
-        x = tl.where(r_ok & d_ok, x - mean[None, :], 0.0)
-        rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
-        k8, scale = _rotate_quantise(x, rot)
         bh = (b * Hk + h).to(tl.int64)
-        tl.store(K8 + bh * Lk_p * BD + rows[:, None] * BD + offs_d[None, :], k8)
-        tl.store(KS + bh * Lk_p + rows, scale)
-
+        rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
+        if (not SM90) or blk < n_k_blocks:
+            k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            d_ok = offs_d[None, :] < D
+            mean = _first_keys_mean(k_base, stride_kn, stride_kd, offs_mean, offs_d, Lk, D,
+                                    MEAN_ROWS)
+            rows = blk * ROWS + offs_r
+            r_ok = rows[:, None] < Lk
+            x = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=r_ok & d_ok, other=0.0).to(tl.float32)
+            x = tl.where(r_ok & d_ok, x - mean[None, :], 0.0)
+            k8, scale = _rotate_quantise(x, rot, SM90, not SM90)
+            tl.store(K8 + bh * Lk_p * BD + rows[:, None] * BD + offs_d[None, :], k8)
+            tl.store(KS + bh * Lk_p + rows, scale)
         offs_c = tl.arange(0, BDV)
-        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-                    + rows[:, None] * stride_vn + offs_c[None, :] * stride_vd,
-                    mask=r_ok & (offs_c[None, :] < DV), other=0.0).to(tl.float32)
-        cmax = tl.max(tl.abs(v), 0)
-        inv = 127.0 / tl.maximum(cmax, 1e-30)
-        v8 = _round_i8(v * inv[None, :])
-        tl.store(V8T + bh * BDV * Lk_p + offs_c[:, None] * Lk_p + rows[None, :], tl.trans(v8))
-        n_blocks = Lk_p // ROWS
-        vscale = cmax / (127.0 * 254.0)
-        vsum = tl.sum(v8.to(tl.float32), 0)
-        tl.store(VS + (bh * n_blocks + blk) * BDV + offs_c, vscale)
-        tl.store(VC + (bh * n_blocks + blk) * BDV + offs_c, 127.0 * vsum * vscale)
+        if SM90:
+            if blk >= n_k_blocks:
+                blk = blk - n_k_blocks
+                place = blk * ROWS + offs_r
+                # the key at each place: 16h + 4t + 2e + i holds key 16h + 8e + 2t + i (the
+                # kernel's P operand; loaded in that order, V is stored in place, coalesced)
+                rows = ((place & ~15) | (((place >> 1) & 1) << 3) | (((place >> 2) & 3) << 1)
+                        | (place & 1))
+                v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                            + rows[:, None] * stride_vn + offs_c[None, :] * stride_vd,
+                            mask=(rows[:, None] < Lk) & (offs_c[None, :] < DV),
+                            other=0.0).to(tl.float32)
+                v8, vrow = _rotate_quantise(v, rot, True, False)
+                tl.store(V8T + bh * BDV * Lk_p + offs_c[:, None] * Lk_p + place[None, :],
+                         tl.trans(v8))
+                tl.store(VS + (bh * n_k_blocks + blk) * BDV + offs_c,
+                         tl.zeros([BDV], tl.float32) + tl.max(vrow, 0))
+        else:
+            v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                        + rows[:, None] * stride_vn + offs_c[None, :] * stride_vd,
+                        mask=r_ok & (offs_c[None, :] < DV), other=0.0).to(tl.float32)
+            cmax = tl.max(tl.abs(v), 0)
+            inv = 127.0 / tl.maximum(cmax, 1e-30)
+            v8 = _round_i8(v * inv[None, :])
+            tl.store(V8T + bh * BDV * Lk_p + offs_c[:, None] * Lk_p + rows[None, :],
+                     tl.trans(v8))
+            vscale = cmax / (127.0 * 254.0)
+            vsum = tl.sum(v8.to(tl.float32), 0)
+            tl.store(VS + (bh * n_k_blocks + blk) * BDV + offs_c, vscale)
+            tl.store(VC + (bh * n_k_blocks + blk) * BDV + offs_c, 127.0 * vsum * vscale)
 
 
 @triton.jit
@@ -338,6 +380,25 @@ def _blocks(bd: int):
     return 64, 64, 4, 2
 
 
+def clear_compiled() -> None:
+    """Forget the compiled pre-pass and 8-bit forwards (see kernels.clear_compiled)."""
+    from . import attn8_hopper
+    for jit_fn in (_quant_kernel, _attn8_fwd):
+        launch.drop_compiled(jit_fn)
+    if attn8_hopper.AVAILABLE:
+        launch.drop_compiled(attn8_hopper._attn8_fwd_sm90)
+
+
+def _prepass_warps(bd: int, sm90: bool) -> int:
+    """The pre-pass's warps a program (``ADAATTN_ATTN8_PREPASS_WARPS`` replaces it: tuning).
+    The sm90 form at D = 128 on 4 (H100, bf16, 16k tokens x 2048: 0.27 ms against 0.34 on 8
+    and 0.38 on 16; D = 64 0.23 on 4 or 8)."""
+    override = os.environ.get("ADAATTN_ATTN8_PREPASS_WARPS")
+    if override:
+        return int(override)
+    return 4 if sm90 or bd < 128 else 8
+
+
 def supports(q, k, v, attn_mask=None, dropout_p=0.0):
     """None if :func:`forward` can run these inputs, else a short reason."""
     reason = _flash_supports(q, k, v, attn_mask, dropout_p)
@@ -348,10 +409,15 @@ def supports(q, k, v, attn_mask=None, dropout_p=0.0):
     return None
 
 
-def quantise(q, k, v, scale=None):
+def quantise(q, k, v, scale=None, sm90=False):
     """The pre-pass alone: the 8-bit tensors and scales :func:`forward` feeds its kernel, as a
     dict (for tests and benchmarks). Q is padded to whole query blocks and K / V to whole key
-    blocks (zeros, scale 0), so that the attention kernel loads without bounds checks."""
+    blocks (zeros, scale 0), so that the attention kernel loads without bounds checks.
+    ``sm90``: the form :mod:`.attn8_hopper` reads (see _quant_kernel; needs D == Dv): ``ks``
+    one scale per block of ``rows`` keys and ``vs`` one per block (both repeated), ``v8t``
+    holding V·R with its keys in the kernel's P-operand order, ``vc`` not written."""
+    if sm90 and q.shape[-1] != v.shape[-1]:
+        raise ValueError("attn8.quantise: the sm90 form needs D == Dv")
     B, Hq, Lq, D = q.shape
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BD, BDV = _pow2(D), _pow2(Dv)
@@ -370,23 +436,42 @@ def quantise(q, k, v, scale=None):
         vs=torch.empty((B, Hk, Lk_p // rows, BDV), device=dev, dtype=torch.float32),
         vc=torch.empty((B, Hk, Lk_p // rows, BDV), device=dev, dtype=torch.float32))
     n_q = Lq_p // rows
-    grid = (n_q + Lk_p // rows, B * max(Hq, Hk))
+    grid = (n_q + Lk_p // rows * (2 if sm90 else 1), B * max(Hq, Hk))
     launch.launch(_quant_kernel, lambda meta: grid,
                   (q, k, v, _rotation(BD, dev), t["q8"], t["qs"], t["qm"], t["k8"], t["ks"],
                    t["v8t"], t["vs"], t["vc"], *q.stride(), *k.stride(), *v.stride(),
                    Hq, Hk, Lq, Lk, Lq_p, Lk_p, n_q, sm_scale * _LOG2E / BD, sm_scale * _LOG2E),
-                  dict(D=D, DV=Dv, BD=BD, BDV=BDV, ROWS=rows, num_warps=8 if BD >= 128 else 4),
+                  dict(D=D, DV=Dv, BD=BD, BDV=BDV, ROWS=rows, SM90=bool(sm90),
+                       num_warps=_prepass_warps(BD, sm90)),
                   dev)
-    t.update(Lq_p=Lq_p, Lk_p=Lk_p, rows=rows, BD=BD, BDV=BDV, sm_scale=sm_scale)
+    t.update(Lq_p=Lq_p, Lk_p=Lk_p, rows=rows, BD=BD, BDV=BDV, sm_scale=sm_scale,
+             sm90=bool(sm90))
     return t
+
+
+def sm90_unsupported(q, k, v, attn_mask=None):
+    """None if :func:`forward` runs these inputs on the Gluon sm90 kernel
+    (:mod:`.attn8_hopper`), else why not."""
+    from . import attn8_hopper
+    cap = _capability(q.device) if q.device.type == "cuda" else (0, 0)
+    return attn8_hopper.unsupported(q, k, v, attn_mask, cap)
 
 
 def forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
     """8-bit attention forward. Same contract as :func:`.flash.flash_forward`: q (B, Hq, Lq,
-    D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); -> (out in q.dtype, lse float32 natural log)."""
+    D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); -> (out in q.dtype, lse float32 natural log).
+    On sm90 without a mask, D = Dv in {64, 128}: the Gluon kernel (its own quantisation of K
+    and V, see :mod:`.attn8_hopper`); else the Triton-language one here."""
     reason = supports(q, k, v, attn_mask, 0.0)
     if reason is not None:
         raise ValueError(f"attn8.forward: {reason}")
+    if sm90_unsupported(q, k, v, attn_mask) is None:
+        from . import attn8_hopper
+        t = quantise(q, k, v, scale, sm90=True)
+        B, Hq, Lq, _ = q.shape
+        out = torch.empty((B, Hq, Lq, v.shape[3]), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+        return attn8_hopper.attend(t, q, is_causal, k.shape[2], out, lse)
     return attend(quantise(q, k, v, scale), q, k, v, attn_mask, is_causal)
 
 

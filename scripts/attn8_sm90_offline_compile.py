@@ -1,0 +1,78 @@
+"""Compile the Gluon sm90 8-bit attention kernel (kernels/attn8_hopper.py) for an H100 on a
+machine without a GPU, and print each variant's registers, stack (spills), shared memory and
+whether the loop goes through shared memory for P. Same needs as sm90_offline_compile.py (a
+triton with Gluon and its ptxas: here a side venv with ``triton==3.6.0``).
+
+    python scripts/attn8_sm90_offline_compile.py [--dims 64,128] [--configs 64,4,24,240 ...]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+from adaattn_compile.kernels import attn8_hopper as a8h  # noqa: E402
+from sm90_offline_compile import compile_sm90, resources, sass  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--configs", nargs="*", default=[""])
+    ap.add_argument("--dump", default="")
+    a = ap.parse_args()
+    for D in [int(x) for x in a.dims.split(",")]:
+        for cfg_txt in a.configs:
+            for causal in (False, True):
+                cfg = (tuple(int(x) for x in cfg_txt.split(",")) if cfg_txt else a8h.config(D))
+                block_n, stages, pregs, cregs = cfg
+                B, H, L = 2, 4, 1024
+                i8 = torch.empty(B, H, L, D, dtype=torch.int8)
+                v8t = torch.empty(B, H, D, L, dtype=torch.int8)
+                f32 = torch.empty(B, H, L)
+                out = torch.empty(B, H, L, D, dtype=torch.bfloat16)
+                args = dict(desc_q=a8h._descriptor(i8, [1, 1, 64, D]),
+                            desc_k=a8h._descriptor(i8, [1, 1, block_n, D]),
+                            desc_v=a8h._descriptor(v8t, [1, 1, D, block_n]),
+                            desc_r=a8h.TensorDescriptor(
+                                torch.empty(D, D, dtype=torch.bfloat16), [D, D], [D, 1], [D, D],
+                                a8h.gl.NVMMASharedLayout.get_default_for([D, D],
+                                                                         a8h.gl.bfloat16)),
+                            Out=out, LSE=f32, QS=f32, QM=f32, KS=f32, VS=f32, n_m=8, Hq=H,
+                            GROUP=1, Lq=L, Lk=L, Lq_p=L, Lk_p=L, n_vblocks=8,
+                            stride_ob=H * L * D, stride_oh=L * D, stride_om=D, stride_lb=H * L,
+                            stride_lh=L, HEAD_D=D, BLOCK_N=block_n,
+                            STAGES=stages, V_ROWS=128, CAUSAL=causal, PRODUCER_REGS=pregs,
+                            CONSUMER_REGS=cregs)
+                name = f"D={D} cfg={cfg} causal={causal}"
+                try:
+                    k = compile_sm90(a8h._attn8_fwd_sm90, args)
+                except Exception as e:
+                    cause = e
+                    while cause.__cause__ is not None or cause.__context__ is not None:
+                        cause = cause.__cause__ or cause.__context__
+                    print(f"{name}: FAILED {type(e).__name__}: {str(e)[-2500:]}\n"
+                          f"  cause: {type(cause).__name__}: {str(cause)[:1500]}")
+                    continue
+                regs, stack = resources(k)
+                ptx = k.asm["ptx"]
+                print(f"{name} regs={regs} stack={stack} smem={k.metadata.shared} "
+                      f"wgmma={ptx.count('wgmma.mma_async')} st.shared={ptx.count('st.shared')} "
+                      f"ld.shared={ptx.count('ld.shared')} shfl={ptx.count('shfl.sync')} "
+                      f"prmt={ptx.count('prmt')} cvt={ptx.count('cvt.')} "
+                      f"local={'ld.local' in ptx or 'st.local' in ptx}", flush=True)
+                if a.dump:
+                    os.makedirs(a.dump, exist_ok=True)
+                    tag = f"D{D}_{'_'.join(map(str, cfg))}_{'c' if causal else 'n'}"
+                    for ext in ("ttgir", "ptx"):
+                        with open(os.path.join(a.dump, f"{tag}.{ext}"), "w") as f:
+                            f.write(k.asm[ext])
+                    with open(os.path.join(a.dump, f"{tag}.sass"), "w") as f:
+                        f.write(sass(k))
+
+
+if __name__ == "__main__":
+    main()
