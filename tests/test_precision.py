@@ -223,27 +223,33 @@ def test_quantise_roundtrip_and_k_smoothing():
     assert rel_err(v_back * scales, v[0, 0]) < 1e-2
 
 
-@pytest.mark.parametrize("L,D", [(70, 32), (200, 64)])
-def test_quantise_in_the_sm90_kernels_form(L, D):
+@pytest.mark.parametrize("L,D,Hq,Hk,rows", [(70, 32, 2, 2, None), (200, 64, 4, 2, None),
+                                             (300, 64, 2, 1, 128)])
+def test_quantise_in_the_sm90_kernels_form(L, D, Hq, Hk, rows, monkeypatch):
     """The sm90 form (what attn8_hopper reads): one K scale per block of keys, V·R with one
     scale per block, V's keys in the P operand's order; the attention those tensors describe
     (the kernel's math without P's rounding, in float64) matches float64 attention, and its
-    lse too."""
+    lse too. GQA; ``rows`` 128 (the GPU's blocks): each block taken in two 64-row tiles."""
+    if rows:
+        monkeypatch.setenv("ADAATTN_ATTN8_CONFIG", f"{rows},{rows},4,1")
     torch.manual_seed(4)
-    q, k, v = (torch.randn(1, 2, L, D, device=DEV) for _ in range(3))
+    q = torch.randn(1, Hq, L, D, device=DEV)
+    k, v = (torch.randn(1, Hk, L, D, device=DEV) for _ in range(2))
     t = attn8.quantise(q, k, v, sm90=True)
     rows, Lk_p = t["rows"], t["Lk_p"]
     assert t["sm90"]
     for name in ("ks", "vs"):
-        per_block = t[name].reshape(1, 2, Lk_p // rows, -1)
+        per_block = t[name].reshape(1, Hk, Lk_p // rows, -1)
         assert torch.equal(per_block, per_block[..., :1].expand_as(per_block)), name
     n = torch.arange(Lk_p, device=DEV)
     place = (n & ~15) | (((n >> 1) & 3) << 2) | (((n >> 3) & 1) << 1) | (n & 1)
     assert torch.equal(place.sort().values, n)   # a permutation of each 16 keys
-    v_rot = t["v8t"].double()[..., place].transpose(-1, -2) * \
-        t["vs"][..., :1].double().repeat_interleave(rows, -2)
-    s = (t["q8"].double() @ t["k8"].double().transpose(-1, -2)
-         * t["qs"].double()[..., None] * t["ks"].double()[..., None, :])[..., :L, :L]
+    g = Hq // Hk
+    v_rot = (t["v8t"].double()[..., place].transpose(-1, -2)
+             * t["vs"][..., :1].double().repeat_interleave(rows, -2)).repeat_interleave(g, 1)
+    k8, ks = t["k8"].double().repeat_interleave(g, 1), t["ks"].double().repeat_interleave(g, 1)
+    s = (t["q8"].double() @ k8.transpose(-1, -2)
+         * t["qs"].double()[..., None] * ks[..., None, :])[..., :L, :L]
     s = s * math.log(2)   # (the scales give log2 units)
     out = torch.softmax(s, -1) @ v_rot[..., :L, :] @ attn8._rotation_cpu(D).double().T.to(DEV) / D
     ref, ref_lse = reference_with_lse(q, k, v, None, False, 1 / math.sqrt(D))

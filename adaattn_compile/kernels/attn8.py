@@ -391,8 +391,10 @@ def clear_compiled() -> None:
 
 def _prepass_warps(bd: int, sm90: bool) -> int:
     """The pre-pass's warps a program (``ADAATTN_ATTN8_PREPASS_WARPS`` replaces it: tuning).
-    The sm90 form at D = 128 on 4 (H100, bf16, 16k tokens x 2048: 0.27 ms against 0.34 on 8
-    and 0.38 on 16; D = 64 0.23 on 4 or 8)."""
+    The sm90 form at D = 128 on 4 (H100, bf16, 16k tokens x 2048: 0.27-0.28 ms against
+    0.34-0.35 on 8 and 0.38 on 16, though it spills ~1 KB a thread there: offline compile;
+    D = 64 0.23 on 4 or 8). Blocks taken in 64-row tiles, twice each (the block's max, then
+    the quantisation: half the spill), measured no faster (0.29 ms), so they were not kept."""
     override = os.environ.get("ADAATTN_ATTN8_PREPASS_WARPS")
     if override:
         return int(override)
