@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from adaattn_compile.kernels import attn8_hopper as a8h  # noqa: E402
-from sm90_offline_compile import compile_sm90, resources, sass  # noqa: E402
+from sm90_offline_compile import compile_or_report, resources, sass  # noqa: E402
 
 
 def main():
@@ -48,14 +48,8 @@ def main():
                             STAGES=stages, V_ROWS=128, CAUSAL=causal, PRODUCER_REGS=pregs,
                             CONSUMER_REGS=cregs)
                 name = f"D={D} cfg={cfg} causal={causal}"
-                try:
-                    k = compile_sm90(a8h._attn8_fwd_sm90, args)
-                except Exception as e:
-                    cause = e
-                    while cause.__cause__ is not None or cause.__context__ is not None:
-                        cause = cause.__cause__ or cause.__context__
-                    print(f"{name}: FAILED {type(e).__name__}: {str(e)[-2500:]}\n"
-                          f"  cause: {type(cause).__name__}: {str(cause)[:1500]}")
+                k = compile_or_report(a8h._attn8_fwd_sm90, args, name)
+                if k is None:
                     continue
                 regs, stack = resources(k)
                 ptx = k.asm["ptx"]

@@ -44,6 +44,19 @@ def compile_sm90(fn, args, num_warps=4):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
+def compile_or_report(fn, args, name):
+    """compile_sm90, or None after printing the compiler's complaint (and its first cause)."""
+    try:
+        return compile_sm90(fn, args)
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        print(f"{name}: FAILED {type(e).__name__}: {str(e)[-2500:]}\n"
+              f"  cause: {type(cause).__name__}: {str(cause)[:1500]}")
+        return None
+
+
 def sass(kernel):
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -111,14 +124,8 @@ def main():
                         PINGPONG=pingpong, PRODUCER_REGS=pregs, CONSUMER_REGS=cregs, QBUF=qbuf,
                         PAIRED=causal and persistent, BIAS_TC=bias_tc,
                         TURNOVER=turnover, O_TMA=o_tma)
-            try:
-                k = compile_sm90(fh._attn_fwd_sm90, args)
-            except Exception as e:  # print the compiler's complaint and go on
-                cause = e
-                while cause.__cause__ is not None or cause.__context__ is not None:
-                    cause = cause.__cause__ or cause.__context__
-                print(f"D={D} {variant}: FAILED {type(e).__name__}: {str(e)[-1500:]}\n"
-                      f"  cause: {type(cause).__name__}: {str(cause)[:1500]}")
+            k = compile_or_report(fh._attn_fwd_sm90, args, f"D={D} {variant}")
+            if k is None:
                 continue
             regs, stack = resources(k)
             ptx = k.asm["ptx"]

@@ -49,6 +49,7 @@ import os
 
 import torch
 
+from . import flash_hopper as _dense
 from .flash_hopper import AVAILABLE, tma_strides
 
 if AVAILABLE:
@@ -69,21 +70,9 @@ if AVAILABLE:
     @gluon.jit
     def _tile(n_m, Hq, Lk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
         """This program's work tile -> (batch, head, first query row, key tiles to visit, how
-        many of them need no element mask). A head's query blocks are consecutive programs
-        (they share its K / V in L2); causal launches take the heavier blocks first."""
-        pid = gl.program_id(0)
-        bh = pid // n_m
-        pid_m = pid % n_m
-        if CAUSAL:
-            pid_m = n_m - 1 - pid_m
-        start_m = pid_m * BLOCK_M
-        if CAUSAL:
-            hi = gl.minimum(start_m + BLOCK_M, Lk)
-            n_full = gl.minimum(start_m + 1, Lk) // BLOCK_N
-        else:
-            hi = Lk
-            n_full = Lk // BLOCK_N
-        return bh // Hq, bh % Hq, start_m, gl.cdiv(hi, BLOCK_N), n_full
+        many of them need no element mask): the dense sm90 kernel's tiles (a head's query
+        blocks in consecutive programs; causal, the heavier blocks first), one a program."""
+        return _dense._tile(gl.program_id(0), n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL, False)
 
     @gluon.jit
     def _producer(desc_q, desc_k, desc_v, desc_r, q_smem, k_bufs, v_bufs, r_smem, q_full,
@@ -91,9 +80,9 @@ if AVAILABLE:
                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr):
         """Q and the rotation R once (a 64-row box of Q per consumer warpgroup), then K_j
-        (BLOCK_N x D) and Vᵀ_j
-        (D x BLOCK_N: an 8-bit B operand must be K-major, so the pre-pass stores V transposed)
-        through the ring; waiting on parity ``phase ^ 1`` lets the first pass through."""
+        (BLOCK_N x D) and Vᵀ_j (D x BLOCK_N: an 8-bit B operand must be K-major, so the
+        pre-pass stores V transposed) through the ring; waiting on parity ``phase ^ 1`` lets
+        the first pass through."""
         off_b, off_h, start_m, n_blocks, n_full = _tile(n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL)
         off_hk = off_h // GROUP
         mbarrier.expect(q_full.index(0), BLOCK_M * HEAD_D + HEAD_D * HEAD_D * 2)
