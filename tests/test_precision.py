@@ -511,6 +511,21 @@ def test_sm90_int8_kernel_shapes(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sm90", "triton"])
+def test_int8_kernel_scores_spread_over_thousands_of_nats(kernel, monkeypatch):
+    """Self-attention of large vectors (q = k, |q|^2 / sqrt(D) ~ 10^4 nats above the rest): the
+    scores' row factor is large, and P's largest entry must stay 127 (a p rounded above 1 would
+    wrap to -128 in the int8 operand and flip that key's sign). Each row is one-hot."""
+    if kernel == "triton":
+        monkeypatch.setenv("ADAATTN_ATTN8_SM90", "0")
+    torch.manual_seed(8)
+    q = (30 * torch.randn(1, 4, 1024, 128, device="cuda")).bfloat16()
+    v = torch.randn(1, 4, 1024, 128, device="cuda").bfloat16()
+    out, _ = attn8.forward(q, q, v, None, False)
+    assert rel_err(out, v.double()) < 3e-2
+
+
+@pytest.mark.gpu
 def test_ladder_on_the_gpu():
     """No mock: this GPU's capability decides (sm89+: int8 first; sm80: bf16 only)."""
     q, k, v = (torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)

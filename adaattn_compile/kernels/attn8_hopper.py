@@ -138,11 +138,17 @@ if AVAILABLE:
         c = gl.maximum(qs * ks, 1e-30)
         f_max = gl.max(f, 1)
         if MASKED:   # a row with no visible key in this tile: keep exp2's argument finite
+            # (f = s + C > 0 wherever a key is visible, so 0 marks such a row)
             f_max = gl.where(f_max == float("-inf"), 0.0, f_max)
             t_max = gl.where(f_max == 0.0, float("-inf"), (f_max - 12582912.0) * c)
         else:
             t_max = (f_max - 12582912.0) * c
-        p = gl.exp2(f * gl.expand_dims(c, 1) - gl.expand_dims(f_max * c, 1))
+        # exp2(c f - c max f), the subtrahend raised by two ulps: the FMA rounds c max f, and an
+        # exponent a hair above 0 would make the row max's p > 1, where round(127 p) = 128
+        # (from c >~ 0.015, scores spread over ~500 nats) wraps to -128 in the int8 operand
+        m_arg = f_max * c
+        m_arg = m_arg + gl.abs(m_arg) * 2.384185791015625e-07
+        p = gl.exp2(f * gl.expand_dims(c, 1) - gl.expand_dims(m_arg, 1))
         # round(127 p) in the low byte (p in [0, 1]); the wrapping int32 sum of the words less
         # BLOCK_N x bits(C) is the sum of the rounded values
         w = (p * 127.0 + 12582912.0).to(gl.int32, bitcast=True)
