@@ -33,7 +33,7 @@ an element costs outside the tensor cores, which on 8-bit products is what bound
   621 -> 670 TFLOP/s).
 
 The pre-pass is :func:`.attn8.quantise` with ``sm90=True``. Numerics on the H100 (bf16 inputs,
-against float64 of the same inputs, B = 2, H = 8, L = 4096, D = 128; twentieth-first session):
+against float64 of the same inputs, B = 2, H = 8, L = 4096, D = 128; twenty-first session):
 relative L2 2.1e-2 on random inputs (cosine 0.99978), 2.75e-2 with four key channels x20
 (0.99964), 2.0e-2 with q and k channels x20; all-MiniLM-L6-v2's captured layers (D zero-padded
 to 64) 1.5e-2 - 2.8e-2 (cosine >= 0.99960). :mod:`.attn8`'s Triton kernel (per-key K scales,
