@@ -264,6 +264,32 @@ def test_quantise_sm90_form_needs_equal_head_dims():
         attn8.quantise(q, k, torch.randn(1, 1, 8, 16), sm90=True)
 
 
+def test_a_failing_sm90_kernel_leaves_the_triton_one(monkeypatch):
+    """The Gluon kernel failing (another triton's API, a build error) warns once and the Triton
+    8-bit kernel runs that call and the device's later ones; clear_compiled tries it again."""
+    from adaattn_compile.kernels import attn8_hopper
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("no such Gluon op")
+    monkeypatch.setattr(attn8_hopper, "unsupported", lambda *args: None)
+    monkeypatch.setattr(attn8_hopper, "attend", broken)
+    monkeypatch.setattr(attn8, "_SM90_FAILED", set())
+    q, k, v = (torch.randn(1, 2, 40, 32, device=DEV) for _ in range(3))
+    with pytest.warns(UserWarning, match="sm90 Gluon kernel failed.*RuntimeError"):
+        out, _ = attn8.forward(q, k, v)
+    ref, _ = reference_with_lse(q, k, v, None, False, 32 ** -0.5)
+    assert rel_err(out, ref) < 3e-2
+    assert "failed" in attn8.sm90_unsupported(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn8.forward(q, k, v)
+    assert len(tries) == 1
+    attn8.clear_compiled()
+    assert attn8.sm90_unsupported(q, k, v) is None
+
+
 def test_sm90_kernel_says_why_not():
     """Off sm90, with a mask or another head dim the 8-bit forward stays on the Triton kernel
     (the capability is passed in: checked without the device where the interpreter is off)."""

@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -383,6 +384,7 @@ def _blocks(bd: int):
 def clear_compiled() -> None:
     """Forget the compiled pre-pass and 8-bit forwards (see kernels.clear_compiled)."""
     from . import attn8_hopper
+    _SM90_FAILED.clear()
     for jit_fn in (_quant_kernel, _attn8_fwd):
         launch.drop_compiled(jit_fn)
     if attn8_hopper.AVAILABLE:
@@ -451,10 +453,17 @@ def quantise(q, k, v, scale=None, sm90=False):
     return t
 
 
+# Devices where the Gluon kernel failed to build or launch: the Triton kernel runs there from
+# then on (as a new process would try it again, clear_compiled forgets them).
+_SM90_FAILED: set = set()
+
+
 def sm90_unsupported(q, k, v, attn_mask=None):
     """None if :func:`forward` runs these inputs on the Gluon sm90 kernel
     (:mod:`.attn8_hopper`), else why not."""
     from . import attn8_hopper
+    if q.device in _SM90_FAILED:
+        return "the Gluon 8-bit kernel failed on this device"
     cap = _capability(q.device) if q.device.type == "cuda" else (0, 0)
     return attn8_hopper.unsupported(q, k, v, attn_mask, cap)
 
@@ -469,11 +478,17 @@ def forward(q, k, v, attn_mask=None, is_causal=False, scale=None):
         raise ValueError(f"attn8.forward: {reason}")
     if sm90_unsupported(q, k, v, attn_mask) is None:
         from . import attn8_hopper
-        t = quantise(q, k, v, scale, sm90=True)
-        B, Hq, Lq, _ = q.shape
-        out = torch.empty((B, Hq, Lq, v.shape[3]), device=q.device, dtype=q.dtype)
-        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-        return attn8_hopper.attend(t, q, is_causal, k.shape[2], out, lse)
+        try:
+            t = quantise(q, k, v, scale, sm90=True)
+            B, Hq, Lq, _ = q.shape
+            out = torch.empty((B, Hq, Lq, v.shape[3]), device=q.device, dtype=q.dtype)
+            lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+            return attn8_hopper.attend(t, q, is_causal, k.shape[2], out, lse)
+        except Exception as exc:   # (another triton's Gluon, a build error): the Triton kernel
+            _SM90_FAILED.add(q.device)
+            warnings.warn(f"attn8: the sm90 Gluon kernel failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); the Triton 8-bit kernel runs on {q.device} "
+                          "from now on")
     return attend(quantise(q, k, v, scale), q, k, v, attn_mask, is_causal)
 
 
