@@ -32,6 +32,10 @@ an element costs outside the tensor cores, which on 8-bit products is what bound
 * The block scales of the next key tile are loaded an iteration ahead (4k non-causal, D = 128:
   621 -> 670 TFLOP/s).
 
+Speed (H100, bf16, D = 128, B·L = 16k tokens; twenty-first session): 666 / 737 TFLOP/s at
+L = 4k / 16k against cuDNN's 605 / 634; with the pre-pass (0.27 ms) the whole 8-bit forward
+is 0.82x / 1.05x cuDNN, level with the dense bf16 kernel at best (`benchmarks/RESULTS.md`).
+
 The pre-pass is :func:`.attn8.quantise` with ``sm90=True``. Numerics on the H100 (bf16 inputs,
 against float64 of the same inputs, B = 2, H = 8, L = 4096, D = 128; twenty-first session):
 relative L2 2.1e-2 on random inputs (cosine 0.99978), 2.75e-2 with four key channels x20
