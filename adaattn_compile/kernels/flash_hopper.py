@@ -1294,12 +1294,16 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
 class BoundForward:
     """:func:`forward` for one call signature with everything but the tensors fixed (see
     :func:`bind`): ``bound(q, k, v, mask, out, lse)``; ``mask`` as the caller passed it (bool
-    masks as their uint8 view)."""
-    __slots__ = ("kernel", "programs", "device", "layouts", "tail", "bias")
+    masks as their uint8 view). Where triton's launcher allows (:func:`launch.c_launcher`) it
+    launches through the C launcher with the descriptors' tensor maps kept by address."""
+    __slots__ = ("kernel", "programs", "device", "layouts", "tail", "bias", "c_launch",
+                 "tile_layout")
 
-    def __init__(self, kernel, programs, device, layouts, tail, bias):
+    def __init__(self, kernel, programs, device, layouts, tail, bias, c_launch=None):
         self.kernel, self.programs, self.device = kernel, programs, device
         self.layouts, self.tail, self.bias = layouts, tail, bias
+        self.c_launch = c_launch
+        self.tile_layout = None   # the bias tile's (shape, strides), from its first call
 
     @property
     def reads_mask(self) -> bool:
@@ -1310,11 +1314,27 @@ class BoundForward:
 
     def __call__(self, q, k, v, mask, out, lse, mask_group=None, mask_owner=None):
         (shape_q, strides_q), (shape_k, strides_k), (shape_v, strides_v), o_layout = self.layouts
-        bk = None
+        tile = None
         if self.bias is not None:
-            bk = _HostDescriptor(
-                _shared_bias_tile(mask, self.bias, mask_group, mask_owner)
-                if mask_group is not None else _bias_tile(mask, *self.bias))
+            tile = (_shared_bias_tile(mask, self.bias, mask_group, mask_owner)
+                    if mask_group is not None else _bias_tile(mask, *self.bias))
+        c = self.c_launch
+        if c is not None and launch._C_LAUNCH and launch.hooks() == launch._NO_HOOKS:
+            desc = c.descriptor
+            if tile is None:
+                bk = (None,)
+            else:
+                layout = self.tile_layout
+                if layout is None or layout[0] != tile.shape:
+                    layout = self.tile_layout = (tile.shape, tma_strides(tile))
+                bk = desc(3, tile, list(layout[0]), layout[1])
+            c((self.programs, 1, 1), launch.current_stream(self.device),
+              (*desc(0, q, shape_q, strides_q), *desc(1, k, shape_k, strides_k),
+               *desc(2, v, shape_v, strides_v), *bk,
+               *((None,) if o_layout is None else desc(4, out, *o_layout)),
+               out, lse, mask, *self.tail))
+            return
+        bk = None if tile is None else _HostDescriptor(tile)
         do = None if o_layout is None else _HostDescriptor(out, *o_layout)
         args = (_HostDescriptor(q, shape_q, strides_q), _HostDescriptor(k, shape_k, strides_k),
                 _HostDescriptor(v, shape_v, strides_v), bk, do, out, lse, mask, *self.tail)
@@ -1341,4 +1361,8 @@ def bind(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, lse)
     if consts[_BIAS_TC_AT]:   # the bias tile is built from each call's mask
         bias = ((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), mask_strides, mask_flags[1],
                 q.dtype, inv_scale_split(sm_scale, q.dtype)[2])
-    return BoundForward(kernel, programs, device, layouts, tail, bias)
+    c = launch.c_launcher(kernel)
+    if c is not None and c.descriptor_positions != frozenset(
+            (0, 1, 2) + ((3,) if bias is not None else ()) + ((4,) if consts[_O_TMA_AT] else ())):
+        c = None   # (not the descriptors this module passes: triton's own launch)
+    return BoundForward(kernel, programs, device, layouts, tail, bias, c)
