@@ -10,8 +10,12 @@ call's time, in rounds that take turns (the host's speed drifts within a run). F
     per forward): what our Python costs a forward, without a profiler's overhead;
   * the same forward with the op's body replaced by one that returns the outputs of an
     earlier call (no kernel, no Python of ours): the rest is the graph's own host time plus
-    the dispatcher's, so ``host - host(stub)`` is what the body costs;
-  * the same forward with the op's lanes off (``op._LANES_ON``: every call takes the full path).
+    the dispatcher's, so ``host - host(stub)`` is what the body costs; by one that allocates
+    fresh outputs and does nothing else ("outputs only"); and the body as it is but for the
+    kernel launch through ``launch.CLaunch`` ("no launch": what the launch itself costs);
+  * the same forward with the op's lanes off (``op._LANES_ON``: every call takes the full path);
+  * the same forward with bound launches through triton's Python launcher instead of its C
+    launch (``launch._C_LAUNCH``, see ``launch.CLaunch``).
 A host-probe (a fixed pure-Python loop) is printed with each model: the H100 machine's host
 speed moves by 2x between runs.
 """
@@ -116,6 +120,32 @@ def main():
             op_module.attention_impl = real
     stubbed()
 
+    def fresh_outputs(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
+                      kernel, out_blhd=False):
+        out, lse, seed = stub(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site,
+                              policy, kernel, out_blhd)
+        return (torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device),
+                torch.empty(lse.shape, dtype=lse.dtype, device=lse.device),
+                op_module._NO_SEED.new_zeros(1))
+
+    def outputs_only():
+        op_module.attention_impl = fresh_outputs
+        try:
+            return ours()
+        finally:
+            op_module.attention_impl = real
+    outputs_only()
+
+    c_launch_call = launch.CLaunch.__call__
+
+    def no_launch():   # the body as it runs, but for the kernel launch (outputs left unwritten)
+        launch.CLaunch.__call__ = lambda self, grid, stream, args: None
+        try:
+            return ours()
+        finally:
+            launch.CLaunch.__call__ = c_launch_call
+    no_launch()
+
     def lanes_off():
         op_module._LANES_ON = False
         try:
@@ -124,9 +154,18 @@ def main():
             op_module._LANES_ON = True
     lanes_off()
 
+    def c_launch_off():
+        launch._C_LAUNCH = False
+        try:
+            return ours()
+        finally:
+            launch._C_LAUNCH = True
+    c_launch_off()
+
     # rounds of --calls calls of each, in turn: the host's speed drifts within a run
     variants = {"stock": stock, "adaattn": ours, "adaattn, lanes off": lanes_off,
-                "adaattn, body stubbed": stubbed}
+                "adaattn, C launch off": c_launch_off, "adaattn, no launch": no_launch,
+                "adaattn, outputs only": outputs_only, "adaattn, body stubbed": stubbed}
     host = {name: [] for name in variants}
     wall = {name: [] for name in variants}
     for _ in range(args.rounds):
