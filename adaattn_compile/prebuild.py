@@ -9,10 +9,12 @@ starts as soon as the sites are rewritten overlap Inductor's work almost entirel
 
 :func:`jobs_for` reads, off the rewritten graph's fake values, one job per distinct forward
 call (shapes, strides, dtypes, mask layout, causal, scale, GQA) whose site the planner sends
-to our Triton kernels at a single precision; :func:`start` runs them on a few daemon threads with
-zero-filled inputs of the same shapes and strides through the very launcher the op calls
-(:func:`adaattn_compile.op._flash_forward`), so the specialisation, autotune choice and bound
-launch it leaves are the ones the first call looks up. A mask the op may prove at run time
+to our Triton kernels at a single precision (in a graph compiled for training the job runs the
+call's backward too, whose autotuned kernels the first backward would build otherwise);
+:func:`start` runs them on a few daemon threads with zero-filled inputs of the same shapes and
+strides through the very launchers the op calls (:func:`adaattn_compile.op._flash_forward`,
+``_flash_backward``), so the specialisations, autotune choices and bound launch they leave are
+the ones the first call looks up. A mask the op may prove at run time
 (causal, or masking nothing: see :mod:`.mask_proofs`) turns the call into another one, so
 those calls are built too, as *variants*, after every call as written (bert-sdpa at L = 4096:
 its proven mask's unmasked kernel was built in the first call, 17.4 s of compile against
@@ -101,6 +103,10 @@ class Job:
     scale: Optional[float]
     enable_gqa: bool
     out_blhd: bool = False      # out in (B, L, H, D) memory (the op's ``out_blhd``)
+    # a training graph's call: its backward is built too (grad_out in out's layout), with the
+    # mask's gradient where the graph takes one
+    backward: bool = False
+    mask_needs_grad: bool = False
     sites: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
     # a call the sites make only if their mask is proven at run time (mask_proofs.py)
     variant: bool = dataclasses.field(default=False, compare=False, hash=False)
@@ -108,7 +114,10 @@ class Job:
     @property
     def nbytes(self) -> int:
         out = self.q.nbytes // max(1, self.q.shape[-1]) * self.v.shape[-1]
-        return sum(s.nbytes for s in (self.q, self.k, self.v, self.mask) if s) + out
+        inputs = sum(s.nbytes for s in (self.q, self.k, self.v, self.mask) if s)
+        if self.backward:   # (grad_out and a gradient of each input, the mask's if taken)
+            return 2 * (inputs + out) + (self.mask.nbytes if self.mask_needs_grad else 0)
+        return inputs + out
 
 
 def enabled() -> bool:
@@ -154,10 +163,13 @@ def jobs_for(gm: fx.GraphModule, decisions: Dict[str, object],
             continue
         if not isinstance(scale, (float, int, type(None))):
             continue   # (a scale computed in the graph: a symbolic value)
+        training = site in op_training_sites
         job = Job(str(fq.device), TensorSpec.of(fq), TensorSpec.of(fk), TensorSpec.of(fv),
                   TensorSpec.of(fmask) if fmask is not None else None, bool(is_causal),
                   None if scale is None else float(scale), bool(enable_gqa),
-                  bool(node.kwargs.get("out_blhd", False)))
+                  bool(node.kwargs.get("out_blhd", False)), backward=training,
+                  mask_needs_grad=bool(training and fmask is not None
+                                       and fmask.is_floating_point() and fmask.requires_grad))
         jobs.setdefault(job, []).append(site)
         if fmask is not None and not is_causal:
             # the call as its mask's run-time proof may turn it (mask_proofs.py): built after
@@ -166,11 +178,11 @@ def jobs_for(gm: fx.GraphModule, decisions: Dict[str, object],
             flops = planner.forward_flops(fq.shape, fk.shape[-2])
             # (a dense site's key mask is checked only where gradients follow: see
             # op._key_mask_worth_proving)
-            key_masks = site in op_training_sites
             for keep, causal in mask_proofs.run_time_variants(fmask, fq.shape[-2],
-                                                              fk.shape[-2], flops, key_masks):
+                                                              fk.shape[-2], flops, training):
                 variant = dataclasses.replace(job, mask=job.mask if keep else None,
-                                              is_causal=causal)
+                                              is_causal=causal,
+                                              mask_needs_grad=job.mask_needs_grad and keep)
                 proven.setdefault(variant, []).append(site)
     built = [dataclasses.replace(job, sites=tuple(sites)) for job, sites in jobs.items()]
     return built + [dataclasses.replace(job, sites=tuple(sites), variant=True)
@@ -186,8 +198,12 @@ def run_job(job: Job) -> float:
     with torch.no_grad():
         q, k, v = job.q.zeros(device), job.k.zeros(device), job.v.zeros(device)
         mask = job.mask.zeros(device) if job.mask is not None else None
-        op._flash_forward(q, k, v, mask, job.is_causal, job.scale, job.enable_gqa,
-                          out_blhd=job.out_blhd)
+        out, lse = op._flash_forward(q, k, v, mask, job.is_causal, job.scale, job.enable_gqa,
+                                     out_blhd=job.out_blhd)
+        if job.backward:
+            # (the backward graph's grad_out: the gradient of a view of out, in its layout)
+            op._flash_backward(torch.zeros_like(out), q, k, v, out, lse, mask, job.is_causal,
+                               job.scale, job.enable_gqa, job.mask_needs_grad)
     return time.perf_counter() - t0
 
 

@@ -12,7 +12,9 @@ batch starts on an idle device and is timed until its last call returns, kernels
   run_fast                      flash.run_fast: the lane's outputs and bound launch
   bound launch (+ C off)        the bound launch alone, given outputs
   torch.empty / seed            an output's allocation; the op's per-call seed tensor
-Rows with "key mask" pass a padding mask (10 % of keys masked) in the group a graph gives it.
+Rows with "key mask" pass a padding mask (10 % of keys masked) in the group a graph gives it
+(never causal; ``--causal`` makes the others causal). ``--until-done``: each batch is timed
+until its kernels finish, so a row is the call's throughput, host or device bound.
 How many op calls took their lane is printed: a row whose calls left it measures another path.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from adaattn_compile import op as op_module  # noqa: E402
 from adaattn_compile.kernels import flash, launch  # noqa: E402
 
 
-def per_call_us(fns, repeat, number):
+def per_call_us(fns, repeat, number, until_done=False):
     for fn in fns.values():
         for _ in range(20):
             fn()
@@ -45,6 +47,8 @@ def per_call_us(fns, repeat, number):
             start = time.perf_counter()
             for _ in range(number):
                 fn()
+            if until_done:
+                torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / number * 1e6)
     torch.cuda.synchronize()
     return {name: statistics.median(t) for name, t in times.items()}
@@ -55,7 +59,12 @@ def main():
     ap.add_argument("--shape", default="1,12,1024,64")
     ap.add_argument("--number", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--until-done", action="store_true",
+                    help="time each batch until its kernels finish: a call's throughput, the "
+                         "larger of its host and device time")
     args = ap.parse_args()
+    causal = args.causal
     B, H, L, D = map(int, args.shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
     # (B, L, H, D) memory viewed as (B, H, L, D), as a graph's projections hand them over
@@ -76,8 +85,8 @@ def main():
     op_module._lane_call = counting
 
     def op_call(m, site):
-        return lambda: attention(q, k, v, m, 0.0, False, None, False, site, "exact", "triton",
-                                 False)
+        return lambda: attention(q, k, v, m, 0.0, causal and m is None, None, False, site,
+                                 "exact", "triton", False)
 
     def c_off(fn):
         def run():
@@ -88,7 +97,7 @@ def main():
                 launch._C_LAUNCH = True
         return run
 
-    rows = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+    rows = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
             "sdpa, key mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
     with torch.no_grad():
         for name, m, site in (("op", None, "lc-none"), ("op, key mask", mask, "lc-mask")):
@@ -96,7 +105,7 @@ def main():
             rows[name + ", C launch off"] = c_off(op_call(m, site))
             for _ in range(3):
                 rows[name]()
-        fast = flash.fast_entry(flash._fwd_signature(q, k, v, None, False, None, False))
+        fast = flash.fast_entry(flash._fwd_signature(q, k, v, None, causal, None, False))
         if fast is None:
             sys.exit("no bound launch was kept for the unmasked call: nothing to time")
         out = torch.empty(fast.out_shape, device="cuda", dtype=q.dtype)
@@ -105,22 +114,25 @@ def main():
         print(f"bound launch: {type(bound).__name__}, C launch: "
               f"{getattr(bound, 'c_launch', None) is not None}", flush=True)
         rows["op body (no dispatch)"] = lambda: op_module.attention_impl(
-            q, k, v, None, 0.0, False, None, False, "lc-none", "exact", "triton", False)
-        rows["lane call"] = lambda: real_lane_call(q, k, v, None, False, None, False, "lc-none",
+            q, k, v, None, 0.0, causal, None, False, "lc-none", "exact", "triton", False)
+        rows["lane call"] = lambda: real_lane_call(q, k, v, None, causal, None, False, "lc-none",
                                                    "exact", "triton", False)
-        rows["lane key"] = lambda: flash._fwd_signature(q, k, v, None, False, None, False)
+        rows["lane key"] = lambda: flash._fwd_signature(q, k, v, None, causal, None, False)
         rows["run_fast"] = lambda: flash.run_fast(fast, q, k, v, None)
         rows["bound launch"] = lambda: bound(q, k, v, fast.no_mask, out, lse)
         rows["bound launch, C launch off"] = c_off(rows["bound launch"])
         rows["torch.empty"] = lambda: torch.empty(fast.out_shape, device="cuda", dtype=q.dtype)
         rows["seed"] = lambda: op_module._NO_SEED.new_zeros(1)
-        res = per_call_us(rows, args.repeat, args.number)
-    print(f"shape {args.shape} bf16; lane: {lane_hits['n']} of {lane_hits['calls']} op calls")
+        res = per_call_us(rows, args.repeat, args.number, args.until_done)
+    print(f"shape {args.shape} bf16{', causal' if causal else ''}"
+          f"{', until done' if args.until_done else ''}; lane: {lane_hits['n']} of "
+          f"{lane_hits['calls']} op calls")
     for name, us in res.items():
         print(f"  {name:32s} {us:7.1f} us")
     # the results of the two launch paths, against SDPA in fp32
     for m, site in ((None, "lc-none"), (mask, "lc-mask")):
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                             is_causal=causal and m is None)
         a = op_call(m, site)()[0]
         b = c_off(op_call(m, site))()[0]
         rel = lambda x: ((x.float() - ref).norm() / ref.norm()).item()  # noqa: E731

@@ -153,6 +153,53 @@ def test_gqa_and_bool_mask_jobs_match_the_run(spy):
     assert rel_err(out, ref) < 1e-5
 
 
+def _tensor_sig(t):
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_training_graph_builds_the_backward_its_first_call_runs(monkeypatch, with_bias):
+    """A graph compiled for training: its job runs the backward too, with the layouts, flags
+    and mask gradient the first backward has (grad_out in out's layout)."""
+    monkeypatch.setattr(prebuild, "DEVICE_TYPES", ("cpu",))
+    calls = []
+    real = op._flash_backward
+
+    def watched(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, enable_gqa,
+                mask_needs_grad):
+        calls.append((threading.current_thread().name, tuple(
+            _tensor_sig(t) for t in (grad_out, q, k, v, out, lse, attn_mask))
+            + (bool(is_causal), scale, bool(enable_gqa), bool(mask_needs_grad))))
+        return real(grad_out, q, k, v, out, lse, attn_mask, is_causal, scale, enable_gqa,
+                    mask_needs_grad)
+    monkeypatch.setattr(op, "_flash_backward", watched)
+
+    def attend(x, bias):   # (B, L, H, D) projections, as a model's heads come
+        q, k, v = (x * (i + 1)).transpose(1, 2), x.transpose(1, 2), (x - i).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           is_causal=bias is None)
+        return o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    i = 0.5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, 2, 16, generator=g, requires_grad=True)
+    bias = (torch.randn(1, 2, 24, 24, generator=g, requires_grad=True) if with_bias
+            else None)
+    out, sites, _, records = compile_and_run(attend, x, bias, options={"policy": "exact",
+                                                                       **TRITON})
+    out.square().sum().backward()
+    built = [c for name, c in calls if name.startswith("adaattn-prebuild")]
+    ran = [c for name, c in calls if not name.startswith("adaattn-prebuild")]
+    assert len(ran) == 1 and built == ran, (built, ran)
+    assert ran[0][-1] == with_bias   # (the bias's gradient taken)
+    xr = x.detach().double().requires_grad_()
+    br = bias.detach().double().requires_grad_() if with_bias else None
+    ref = attend(xr, br)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-4
+    if with_bias:
+        assert rel_err(bias.grad, br.grad) < 1e-4
+
+
 def test_a_failed_job_is_recorded_and_the_first_call_builds(monkeypatch):
     monkeypatch.setattr(prebuild, "DEVICE_TYPES", ("cpu",))
 
@@ -294,12 +341,13 @@ def test_tensor_spec_zeros_keeps_strides_and_fills():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gpt", "t5"])
+@pytest.mark.parametrize("name", ["gpt", "t5", "gpt-train"])
 def test_gpu_first_call_compiles_none_of_our_kernels(name, monkeypatch):
     """On the GPU every kernel specialisation of the sites is built before the compile hands
     the graph back: every Triton compile of ours (the autotuner's candidate threads included)
     starts before the compile's wait for the prebuild thread ends, none after, in the model's
-    first call. (Inductor's kernels load through ``triton.compile``: not counted here.)"""
+    first call ("gpt-train": a training step, its backward kernels included). (Inductor's
+    kernels load through ``triton.compile``: not counted here.)"""
     from triton.runtime.jit import JITFunction
     from adaattn_compile.kernels import clear_compiled
     clear_compiled()
@@ -317,7 +365,7 @@ def test_gpu_first_call_compiles_none_of_our_kernels(name, monkeypatch):
     monkeypatch.setattr(JITFunction, "_do_compile", counted)
     monkeypatch.setattr(prebuild.Prebuild, "wait", timed_wait)
     torch.manual_seed(0)
-    if name == "gpt":
+    if name.startswith("gpt"):
         from adaattn_compile.models import TinyGPT
         model = TinyGPT(layers=2, dim=256, heads=4, max_len=2048).cuda().bfloat16().eval()
         args, kwargs = (torch.randint(0, 256, (1, 2048), device="cuda"),), {}
@@ -328,8 +376,13 @@ def test_gpu_first_call_compiles_none_of_our_kernels(name, monkeypatch):
         args, kwargs = _place(built.make_inputs(), "cuda", torch.bfloat16)
     with torch.no_grad():
         ref = model(*args, **kwargs)
+    with torch.set_grad_enabled(name == "gpt-train"):
         out, sites, _, records = compile_and_run(model, *args, options={"inner": "inductor"},
                                                  **kwargs)
+        if name == "gpt-train":
+            out.float().square().mean().backward()
+            assert all(p.grad is not None for p in model.parameters())
+            out = out.detach()
     from adaattn_compile.bench import main_tensor
     ref, out = main_tensor(ref), main_tensor(out)
     ours = [s for s in sites if s.decision.kernel == "triton"]
