@@ -1492,23 +1492,32 @@ def _fwd_flops(q, k, causal):
 
 
 def _sm90_min_flops():
-    """Calls smaller than this (forward FLOPs) take the Triton kernel: the Gluon kernel's
-    launch encodes three tensor-map descriptors on the host per call, so a call costs more host
-    time there, and a small call's kernel cannot hide it. Through triton's own launcher that was
+    """Calls smaller than this (forward FLOPs) take the Triton kernel. Through triton's launcher
+    the Gluon kernel's launch encoded three tensor-map descriptors on the host per call, so a
+    call cost more host time there, and a small call's kernel could not hide it. Through triton's own launcher that was
     ~80 us a call (bert-base, batch 1, L = 4096, 52 GFLOP a call: 0.54x stock through the Gluon
     kernel, 1.17x through the Triton one, H100, fifth session), and the bar was 100 GFLOP.
     Through the bound launch (flash_hopper.BoundForward) it is ~14 us: the op's host time 58 us
     a call against 44 on the Triton kernel (scripts/op_overhead.py, (1, 16, 512, 128) bf16,
-    thirteenth session). The bar is now 32 GFLOP, a kernel of ~100 us at 300 TFLOP/s, which
-    those 14 us cannot outweigh where the Gluon kernel is ahead: at B * L = 16k tokens, L = 512
-    and 1k (34-69 GFLOP, D = 64 and 128, causal and not), 7-122 % faster than the Triton one
-    without a mask and 24-121 % with a key bias (interleaved timing, H100, thirteenth
-    session). ``ADAATTN_SM90_MIN_GFLOPS`` moves the bar."""
+    thirteenth session), and the bar was 32 GFLOP, a kernel of ~100 us at 300 TFLOP/s: at
+    B * L = 16k tokens, L = 512 and 1k (34-69 GFLOP, D = 64 and 128, causal and not), the
+    Gluon kernel was 7-122 % faster than the Triton one without a mask and 24-121 % with a key
+    bias (interleaved timing, H100, thirteenth session). Through triton's C launch
+    (launch.CLaunch, tensor maps kept) the two bound launches cost the same host time, and
+    below the old bar the Gluon kernel measured faster too: (1, 32, 1024, 64) causal, 4.3
+    GFLOP, 17.3 against 25.8 us a call; (1, 12, 2048, 64) causal, 6.4 GFLOP, 23.9 against
+    44.4 (bf16, calls timed until done, H100, twenty-second session,
+    scripts/launch_cost.py --until-done). The bar is now 4 GFLOP (below it, unmeasured; sites
+    under 2 GFLOP stay torch's SDPA anyway, planner.small_call).
+    ``ADAATTN_SM90_MIN_GFLOPS`` moves the bar."""
     text = os.environ.get("ADAATTN_SM90_MIN_GFLOPS", "")
     try:
-        return float(text) * 1e9 if text else 32e9
+        return float(text) * 1e9 if text else _SM90_MIN_FLOPS
     except ValueError:
-        return 32e9
+        return _SM90_MIN_FLOPS
+
+
+_SM90_MIN_FLOPS = 4e9
 
 
 def _use_tma(q, k, v, BD, BDV, causal=False, has_mask=False):
