@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from adaattn_compile.kernels import attn8_hopper as a8h  # noqa: E402
-from sm90_offline_compile import compile_or_report, resources, sass  # noqa: E402
+from sm90_offline_compile import compile_or_report, dump, resources  # noqa: E402
 
 
 def main():
@@ -59,13 +59,7 @@ def main():
                       f"prmt={ptx.count('prmt')} cvt={ptx.count('cvt.')} "
                       f"local={'ld.local' in ptx or 'st.local' in ptx}", flush=True)
                 if a.dump:
-                    os.makedirs(a.dump, exist_ok=True)
-                    tag = f"D{D}_{'_'.join(map(str, cfg))}_{'c' if causal else 'n'}"
-                    for ext in ("ttgir", "ptx"):
-                        with open(os.path.join(a.dump, f"{tag}.{ext}"), "w") as f:
-                            f.write(k.asm[ext])
-                    with open(os.path.join(a.dump, f"{tag}.sass"), "w") as f:
-                        f.write(sass(k))
+                    dump(k, a.dump, f"D{D}_{'_'.join(map(str, cfg))}_{'c' if causal else 'n'}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,17 @@ def sass(kernel):
                               capture_output=True, text=True).stdout
 
 
+def dump(kernel, directory, tag):
+    """Write the kernel's TTGIR, PTX and SASS under ``directory`` as ``tag``.{ttgir,ptx,sass}
+    (spills: grep STL / LDL in the SASS)."""
+    os.makedirs(directory, exist_ok=True)
+    for ext in ("ttgir", "ptx"):
+        with open(os.path.join(directory, f"{tag}.{ext}"), "w") as f:
+            f.write(kernel.asm[ext])
+    with open(os.path.join(directory, f"{tag}.sass"), "w") as f:
+        f.write(sass(kernel))
+
+
 def resources(kernel):
     ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -134,12 +145,7 @@ def main():
                   f"wgmma={ptx.count('wgmma.mma_async')} setmaxnreg={re.findall(r'setmaxnreg[^;]*', ptx)} "
                   f"local={'ld.local' in ptx or 'st.local' in ptx}")
             if a.dump:
-                os.makedirs(a.dump, exist_ok=True)
-                for ext in ("ttgir", "ptx"):
-                    with open(os.path.join(a.dump, f"D{D}_{variant}.{ext}"), "w") as f:
-                        f.write(k.asm[ext])
-                with open(os.path.join(a.dump, f"D{D}_{variant}.sass"), "w") as f:
-                    f.write(sass(k))   # (spills: grep STL / LDL)
+                dump(k, a.dump, f"D{D}_{variant}")
 
 
 if __name__ == "__main__":
