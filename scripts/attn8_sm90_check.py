@@ -14,21 +14,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from adaattn_compile.kernels import attn8  # noqa: E402
+from test_precision import SM90_CASES  # noqa: E402   (the GPU test's shapes)
 
-CASES = [  # (B, Hq, Hk, Lq, Lk, D, causal, dtype)
+CASES = [  # (B, Hq, Hk, Lq, Lk, D, causal, dtype): real sizes, then the GPU test's shapes
     (2, 8, 8, 4096, 4096, 128, False, torch.bfloat16),
     (2, 8, 8, 4096, 4096, 128, True, torch.bfloat16),
     (2, 8, 8, 4096, 4096, 64, False, torch.bfloat16),
     (2, 8, 8, 4096, 4096, 64, True, torch.bfloat16),
-    (1, 4, 4, 1000, 1000, 128, False, torch.bfloat16),
-    (1, 4, 4, 1000, 1000, 128, True, torch.bfloat16),
-    (1, 4, 4, 77, 333, 64, False, torch.float16),
-    (1, 4, 4, 333, 77, 128, True, torch.float16),
-    (1, 8, 2, 2048, 1536, 128, False, torch.bfloat16),
-    (1, 8, 1, 1537, 1537, 64, True, torch.bfloat16),
-    (3, 2, 2, 1, 129, 128, False, torch.bfloat16),
-    (1, 2, 2, 130, 1, 64, True, torch.float16),
+    *SM90_CASES,
 ]
 
 
