@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import mask_proofs, op, prebuild
+from . import inductor_call, mask_proofs, op, prebuild
 from .passes import mha
 from .options import Options
 from .passes.graph_utils import hint, location, meta
@@ -241,6 +241,7 @@ def _describe_mha(m, site_id: str, graph: str, options: Options, training: bool 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
+        inductor_call.install()
         return compile_fx(gm, example_inputs)
     if inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager

@@ -22,6 +22,7 @@ import functools
 import importlib
 import logging
 import math
+import os
 import threading
 import warnings
 from typing import Dict, Optional
@@ -559,11 +560,12 @@ def _in_layout(out: Tensor, blhd: bool) -> Tensor:
 # flash module's bound launches (its epoch) are those it was made with.
 
 class _Lane:
-    __slots__ = ("fast", "precision", "heads", "generation", "epoch")
+    __slots__ = ("fast", "precision", "heads", "generation", "epoch", "lse_scratch")
 
     def __init__(self, fast, precision, heads, generation, epoch):
         self.fast, self.precision, self.heads = fast, precision, heads
         self.generation, self.epoch = generation, epoch
+        self.lse_scratch = None   # (see _lane_call's out_only)
 
 
 _lanes: Dict[tuple, _Lane] = {}
@@ -579,9 +581,12 @@ def _lane_key(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, ke
 
 
 def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, kernel,
-               out_blhd):
+               out_blhd, out_only=False):
     """-> (out, lse, seed) through the call's lane, or None (no valid lane: the full path).
-    (The key is built here, not by :func:`_lane_key`: a call less on the op's busiest path.)"""
+    (The key is built here, not by :func:`_lane_key`: a call less on the op's busiest path.)
+    ``out_only``: the caller reads ``out`` alone (see :func:`inductor_attention_out_only`):
+    the kernel writes its lse into a buffer the lane keeps, and the seed is the shared
+    template, two allocations a call fewer."""
     flash = _flash_module
     lane_key = (site, policy, kernel, enable_gqa,
                 flash._fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd))
@@ -591,15 +596,21 @@ def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, k
     if lane.generation != _plan_generation or lane.epoch != flash._FAST_EPOCH:
         _lanes.pop(lane_key, None)
         return None
+    lse = None
+    if out_only:
+        lse = lane.lse_scratch   # (the lane's key holds q's device)
+        if lse is None:
+            lse = lane.lse_scratch = torch.empty(lane.fast.lse_shape, device=q.device,
+                                                 dtype=torch.float32)
     try:
         out, lse = flash.run_fast(lane.fast, q, k, v, attn_mask, out_blhd,
-                                  None if attn_mask is None else _mask_groups.get(site))
+                                  None if attn_mask is None else _mask_groups.get(site), lse)
     except Exception as exc:  # another triton's launcher: the full path from now on
         flash.fast_launch_failed(exc)
         clear_lanes()
         return None
     stats.record_call(site, "triton", lane.precision, "dense", lane.heads)
-    return out, lse, _NO_SEED.new_zeros(1)
+    return out, lse, _NO_SEED if out_only else _NO_SEED.new_zeros(1)
 
 
 def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
@@ -645,13 +656,15 @@ def clear_lanes() -> None:
 
 
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
-                   kernel, out_blhd=False):
-    """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed)."""
+                   kernel, out_blhd=False, out_only=False):
+    """The forward of ``adaattn::attention`` on real tensors: -> (out, lse, seed).
+    ``out_only`` (never through the dispatcher): the caller reads ``out`` alone, so ``lse``
+    and ``seed`` may be buffers shared between calls (see :func:`_lane_call`)."""
     lanes_open = (_LANES_ON and dropout_p == 0.0 and _flash_module is not None
                   and _flash_module._FAST_FWD_ON and not getattr(_grad_call, "on", False))
     if lanes_open and site in _lane_sites:   # (other sites don't pay for the lane's key)
         done = _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy,
-                          kernel, out_blhd)
+                          kernel, out_blhd, out_only)
         if done is not None:
             return done
     generation = _plan_generation
@@ -953,3 +966,49 @@ _lib.impl("attention", _outside_dynamo(_attention_autograd), "Autograd",
           with_keyset=True)
 _lib.impl("attention_backward", _outside_dynamo(_attention_backward_autograd), "Autograd",
           with_keyset=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor's direct call. The wrapper code Inductor writes for a graph calls these in place of
+# ``torch.ops.adaattn.attention.default`` (see inductor_call.py). The dispatcher's round trip
+# for a Python kernel (the overload's __call__, boxing twelve arguments, the Autograd and
+# CompositeExplicitAutograd kernels with their Dynamo-hook guards) cost ~14 us of the op's
+# ~60 us a call on the H100 host, where torch's SDPA call costs ~25 us in all: in HF models at
+# batch 1, host-bound, it is paid in every layer. Inside a compiled graph the dispatcher would
+# reach attention_impl with nothing recorded on the way; wherever it might do more (a torch
+# dispatch mode, the profiler, an input that requires grad under grad mode, a tensor subclass,
+# a Dynamo frame hook), the call goes through the dispatcher as before.
+
+_DIRECT_CALL = os.environ.get("ADAATTN_DIRECT_CALL", "1") != "0"   # (off: the dispatcher, for A/B)
+_Tensor = torch.Tensor
+_profiler_on = torch._C._autograd._profiler_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def _direct_ok(q, k, v, attn_mask) -> bool:
+    return (_DIRECT_CALL and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
+            and (attn_mask is None or type(attn_mask) is _Tensor)
+            and not _dispatch_modes() and not _profiler_on()
+            and (_get_eval_frame is None or _get_eval_frame() is None)
+            and not (_grad_enabled() and _any_requires_grad(q, k, v, attn_mask)))
+
+
+def inductor_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site,
+                       policy, kernel, out_blhd=False):
+    """``adaattn::attention`` as Inductor's generated code calls it: -> (out, lse, seed)."""
+    if _direct_ok(q, k, v, attn_mask):
+        return attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site,
+                              policy, kernel, out_blhd)
+    return _attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
+                      kernel, out_blhd)
+
+
+def inductor_attention_out_only(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                site, policy, kernel, out_blhd=False):
+    """:func:`inductor_attention` for a call whose graph reads ``out`` alone (inference): its
+    ``lse`` and ``seed`` may be buffers shared between calls, never read."""
+    if _direct_ok(q, k, v, attn_mask):
+        return attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site,
+                              policy, kernel, out_blhd, True)
+    return _attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
+                      kernel, out_blhd)

@@ -13,6 +13,8 @@ call's time, in rounds that take turns (the host's speed drifts within a run). F
     the dispatcher's, so ``host - host(stub)`` is what the body costs; by one that allocates
     fresh outputs and does nothing else ("outputs only"); and the body as it is but for the
     kernel launch through ``launch.CLaunch`` ("no launch": what the launch itself costs);
+  * the same forward with Inductor's code calling the operator through the dispatcher
+    (``op._DIRECT_CALL`` off), not our entry points (``inductor_call.py``);
   * the same forward with the op's lanes off (``op._LANES_ON``: every call takes the full path);
   * the same forward with bound launches through triton's Python launcher instead of its C
     launch (``launch._C_LAUNCH``, see ``launch.CLaunch``).
@@ -104,7 +106,7 @@ def main():
     real = op_module.attention_impl
 
     def stub(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy, kernel,
-             out_blhd=False):
+             out_blhd=False, out_only=False):
         key = (site, q.shape, k.shape)
         got = saved.get(key)
         if got is None:
@@ -121,7 +123,7 @@ def main():
     stubbed()
 
     def fresh_outputs(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,
-                      kernel, out_blhd=False):
+                      kernel, out_blhd=False, out_only=False):
         out, lse, seed = stub(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site,
                               policy, kernel, out_blhd)
         return (torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device),
@@ -154,6 +156,14 @@ def main():
             op_module._LANES_ON = True
     lanes_off()
 
+    def dispatcher():   # Inductor's code calls our entry points; here they take the operator
+        op_module._DIRECT_CALL = False
+        try:
+            return ours()
+        finally:
+            op_module._DIRECT_CALL = True
+    dispatcher()
+
     def c_launch_off():
         launch._C_LAUNCH = False
         try:
@@ -163,7 +173,8 @@ def main():
     c_launch_off()
 
     # rounds of --calls calls of each, in turn: the host's speed drifts within a run
-    variants = {"stock": stock, "adaattn": ours, "adaattn, lanes off": lanes_off,
+    variants = {"stock": stock, "adaattn": ours, "adaattn, dispatcher": dispatcher,
+                "adaattn, lanes off": lanes_off,
                 "adaattn, C launch off": c_launch_off, "adaattn, no launch": no_launch,
                 "adaattn, outputs only": outputs_only, "adaattn, body stubbed": stubbed}
     host = {name: [] for name in variants}

@@ -7,6 +7,7 @@ batch starts on an idle device and is timed until its last call returns, kernels
   sdpa / sdpa, key mask         F.scaled_dot_product_attention, with a (B, 1, 1, L) bool mask
   op                            torch.ops.adaattn.attention.default as graphs call it (its lane)
   op, C launch off              the same with bound launches through triton's Python launcher
+  direct / direct, out only     op.inductor_attention(_out_only), as Inductor's code calls it
   op body (no dispatch)         op.attention_impl called as a function (no dispatcher)
   lane call / lane key          op._lane_call; the signature it keys the lane on
   run_fast                      flash.run_fast: the lane's outputs and bound launch
@@ -88,6 +89,12 @@ def main():
         return lambda: attention(q, k, v, m, 0.0, causal and m is None, None, False, site,
                                  "exact", "triton", False)
 
+    def direct_call(m, site, out_only):
+        entry = (op_module.inductor_attention_out_only if out_only
+                 else op_module.inductor_attention)
+        return lambda: entry(q, k, v, m, 0.0, causal and m is None, None, False, site, "exact",
+                             "triton", False)
+
     def c_off(fn):
         def run():
             launch._C_LAUNCH = False
@@ -103,6 +110,8 @@ def main():
         for name, m, site in (("op", None, "lc-none"), ("op, key mask", mask, "lc-mask")):
             rows[name] = op_call(m, site)
             rows[name + ", C launch off"] = c_off(op_call(m, site))
+            rows[name.replace("op", "direct")] = direct_call(m, site, False)
+            rows[name.replace("op", "direct") + ", out only"] = direct_call(m, site, True)
             for _ in range(3):
                 rows[name]()
         fast = flash.fast_entry(flash._fwd_signature(q, k, v, None, causal, None, False))

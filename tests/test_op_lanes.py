@@ -104,6 +104,29 @@ def test_the_second_call_of_a_key_takes_its_lane(lanes, mask_kind, causal, gqa, 
     assert entry["rank"] == {"dense": calls * q.shape[0] * q.shape[1]}
 
 
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("key", True)])
+def test_out_only_calls_write_lse_into_the_lanes_buffer(lanes, mask_kind, causal):
+    """Inductor's direct call for a graph that reads ``out`` alone
+    (``op.inductor_attention_out_only``): on its lane the kernel's lse goes into one buffer
+    the lane keeps, the seed is the shared template, and ``out`` is new every call."""
+    outs = []
+    for call in range(4):
+        q, k, v, mask = _inputs(call, mask_kind=mask_kind)
+        out, lse, seed = op.inductor_attention_out_only(q, k, v, mask, 0.0, causal, None, False,
+                                                        "t-lane", "exact", "triton", True)
+        _check(out, lse, q, k, v, mask, causal)   # (the buffer holds this call's lse)
+        outs.append((out, lse, seed))
+    assert lanes["lane"] == 3
+    lane_lses = {lse.data_ptr() for _, lse, _ in outs[1:]}
+    assert len(lane_lses) == 1 and outs[0][1].data_ptr() not in lane_lses
+    assert all(seed is op._NO_SEED for _, _, seed in outs[1:])
+    assert len({out.data_ptr() for out, _, _ in outs}) == 4   # (all alive: none reused)
+    for call, (out, _, _) in enumerate(outs):   # earlier outputs untouched by later calls
+        q, k, v, mask = _inputs(call, mask_kind=mask_kind)
+        ref, _ = reference_with_lse(q, k, v, mask, causal, 1 / math.sqrt(q.shape[-1]))
+        assert _rel(out, ref) < 1e-4
+
+
 def test_each_signature_has_its_own_lane(lanes):
     q, k, v, _ = _inputs(0)
     for _ in range(2):

@@ -1369,15 +1369,17 @@ def fast_entry(signature):
     return _FAST_FWD.get(signature) if _FAST_FWD_ON else None
 
 
-def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None):
+def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None, lse=None):
     """:func:`flash_forward` through the bound launch ``fast`` (from :func:`fast_entry`; the
-    caller matched the call's signature): new outputs, one launch. Raises what the launch
-    raises (the caller then calls :func:`fast_launch_failed`)."""
+    caller matched the call's signature): new outputs, one launch (``lse``: a buffer of
+    ``fast.lse_shape`` to write the row log-sum-exp into instead of a new one). Raises what
+    the launch raises (the caller then calls :func:`fast_launch_failed`)."""
     device = q.device
     out = torch.empty(fast.out_shape, device=device, dtype=q.dtype)
     if out_blhd:
         out = out.transpose(1, 2)
-    lse = torch.empty(fast.lse_shape, device=device, dtype=torch.float32)
+    if lse is None:
+        lse = torch.empty(fast.lse_shape, device=device, dtype=torch.float32)
     if attn_mask is None:
         mask = fast.no_mask
     else:
