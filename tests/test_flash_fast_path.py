@@ -92,6 +92,10 @@ def test_the_bound_launch_keeps_the_blhd_layout(fast, mask_kind):
         out, lse = flash.flash_forward(q, k, v, mask, False, None, blhd, "graph0/mask")
         assert out.shape == (B, Hq, Lq, D)
         assert out.transpose(1, 2).is_contiguous() if blhd else out.is_contiguous()
+        kept = flash.fast_entry(flash._fwd_signature(q, k, v, mask, False, None, blhd))
+        # (the layouts a bound call allocates in one step on CUDA: those of the first call)
+        assert kept.out_layout == (tuple(out.shape), tuple(out.stride()))
+        assert kept.lse_strides == lse.stride() and lse.is_contiguous()
         ref_out, _ = reference_with_lse(q, k, v, mask, False, SCALE)
         assert _rel(out, ref_out) < 1e-4, call
     assert len(binds) == 2, "one bind for each layout"

@@ -1357,11 +1357,24 @@ class _FastForward:
     """A bound launch with what its caller prepares: the outputs' shapes, whether a bool mask
     is passed as its uint8 view (``mask_bool``: the kernel reads it; a Gluon launch with a bias
     tile reads the tile instead, and takes the mask as it is) and the stand-in for no mask."""
-    __slots__ = ("launch", "out_shape", "lse_shape", "mask_bool", "no_mask")
+    __slots__ = ("launch", "out_shape", "lse_shape", "mask_bool", "no_mask", "out_layout",
+                 "lse_strides")
 
-    def __init__(self, bound, out_shape, lse_shape, mask_bool, no_mask):
+    def __init__(self, bound, out_shape, lse_shape, mask_bool, no_mask, out_layout=None):
         self.launch, self.out_shape, self.lse_shape = bound, out_shape, lse_shape
         self.mask_bool, self.no_mask = mask_bool, no_mask
+        # out as the kernel takes it (shape, strides: out_blhd's transposed view) and lse's
+        # strides, for allocating them in one call each (see run_fast)
+        self.out_layout = out_layout
+        self.lse_strides = _contiguous_strides(lse_shape)
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def fast_entry(signature):
@@ -1375,16 +1388,26 @@ def run_fast(fast, q, k, v, attn_mask, out_blhd=False, mask_group=None, lse=None
     ``fast.lse_shape`` to write the row log-sum-exp into instead of a new one). Raises what
     the launch raises (the caller then calls :func:`fast_launch_failed`)."""
     device = q.device
-    out = torch.empty(fast.out_shape, device=device, dtype=q.dtype)
-    if out_blhd:
-        out = out.transpose(1, 2)
-    if lse is None:
-        lse = torch.empty(fast.lse_shape, device=device, dtype=torch.float32)
+    if (device.type == "cuda" and _EMPTY_STRIDED_CUDA is not None and fast.out_layout is not None
+            and device.index == torch.cuda.current_device()):
+        # (Inductor's own allocator call: a third of torch.empty's host time, no view to make;
+        # it allocates on the current device, which is q's here)
+        device_guard = _NULLCTX
+        out = _EMPTY_STRIDED_CUDA(*fast.out_layout, q.dtype)
+        if lse is None:
+            lse = _EMPTY_STRIDED_CUDA(fast.lse_shape, fast.lse_strides, torch.float32)
+    else:
+        device_guard = _on_device(device)
+        out = torch.empty(fast.out_shape, device=device, dtype=q.dtype)
+        if out_blhd:
+            out = out.transpose(1, 2)
+        if lse is None:
+            lse = torch.empty(fast.lse_shape, device=device, dtype=torch.float32)
     if attn_mask is None:
         mask = fast.no_mask
     else:
         mask = attn_mask.view(torch.uint8) if fast.mask_bool else attn_mask
-    with _on_device(device):
+    with device_guard:
         if mask_group is None or attn_mask is None:
             fast.launch(q, k, v, mask, out, lse)
         else:   # (a Gluon launch may derive a tile from the mask: shared)
@@ -1421,6 +1444,12 @@ except AttributeError:  # pragma: no cover - another platform's os.environ
     _ENVIRON, _SWITCH_KEYS = os.environ, _FWD_SWITCHES
 
 
+try:   # (torch.empty_strided for CUDA without the argument parser: Inductor's code calls it)
+    _EMPTY_STRIDED_CUDA = torch._C._dynamo.guards._empty_strided_cuda
+except AttributeError:  # pragma: no cover - a torch without it
+    _EMPTY_STRIDED_CUDA = None
+
+
 def _fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd=False):
     mask = None if attn_mask is None else (
         attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device,
@@ -1447,7 +1476,9 @@ def _remember_fast(signature, bound, out, lse, mask, attn_mask):
         bound, shape, tuple(lse.shape),
         (attn_mask is not None and attn_mask.dtype == torch.bool
          and getattr(bound, "reads_mask", True)),
-        mask if attn_mask is None else None)
+        mask if attn_mask is None else None,
+        (tuple(out.shape), tuple(out.stride())) if out.is_contiguous() or (
+            signature[-1] and out.transpose(1, 2).is_contiguous()) else None)
 
 
 def _env_flag(name, default):
