@@ -565,7 +565,7 @@ class _Lane:
     def __init__(self, fast, precision, heads, generation, epoch):
         self.fast, self.precision, self.heads = fast, precision, heads
         self.generation, self.epoch = generation, epoch
-        self.lse_scratch = None   # (see _lane_call's out_only)
+        self.lse_scratch = None   # (see _lse_scratch)
 
 
 _lanes: Dict[tuple, _Lane] = {}
@@ -585,8 +585,9 @@ def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, k
     """-> (out, lse, seed) through the call's lane, or None (no valid lane: the full path).
     (The key is built here, not by :func:`_lane_key`: a call less on the op's busiest path.)
     ``out_only``: the caller reads ``out`` alone (see :func:`inductor_attention_out_only`):
-    the kernel writes its lse into a buffer the lane keeps, and the seed is the shared
-    template, two allocations a call fewer."""
+    the kernel writes its lse into a buffer shared by the lanes of its shape
+    (:func:`_lse_scratch`) and the seed is the shared template, two allocations a call
+    fewer."""
     flash = _flash_module
     lane_key = (site, policy, kernel, enable_gqa,
                 flash._fwd_signature(q, k, v, attn_mask, is_causal, scale, out_blhd))
@@ -596,12 +597,9 @@ def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, k
     if lane.generation != _plan_generation or lane.epoch != flash._FAST_EPOCH:
         _lanes.pop(lane_key, None)
         return None
-    lse = None
-    if out_only:
-        lse = lane.lse_scratch   # (the lane's key holds q's device)
-        if lse is None:
-            lse = lane.lse_scratch = torch.empty(lane.fast.lse_shape, device=q.device,
-                                                 dtype=torch.float32)
+    lse = lane.lse_scratch if out_only else None
+    if out_only and lse is None:
+        lse = lane.lse_scratch = _lse_scratch(lane.fast.lse_shape, q.device)
     try:
         out, lse = flash.run_fast(lane.fast, q, k, v, attn_mask, out_blhd,
                                   None if attn_mask is None else _mask_groups.get(site), lse)
@@ -611,6 +609,25 @@ def _lane_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, site, policy, k
         return None
     stats.record_call(site, "triton", lane.precision, "dense", lane.heads)
     return out, lse, _NO_SEED if out_only else _NO_SEED.new_zeros(1)
+
+
+# Buffers out-only lane calls write their lse into, one per (device, shape): the sites of a
+# model share one (never read; the kernels that write it run in stream order, and a write
+# racing another stream's leaves garbage nobody reads), so the memory it holds does not grow
+# with the number of sites.
+_lse_scratch_buffers: Dict[tuple, Tensor] = {}
+
+
+def _lse_scratch(shape, device) -> Tensor:
+    key = (device, shape)
+    with _cache_lock:
+        buffer = _lse_scratch_buffers.get(key)
+        if buffer is None:
+            if len(_lse_scratch_buffers) >= _LANES_LIMIT:
+                _lse_scratch_buffers.clear()
+            buffer = _lse_scratch_buffers[key] = torch.empty(shape, device=device,
+                                                             dtype=torch.float32)
+        return buffer
 
 
 def _lane_holds(site, policy, kernel, chosen, q, k, v, given_mask, attn_mask, given_causal,
@@ -653,6 +670,7 @@ def clear_lanes() -> None:
     with _cache_lock:
         _lanes.clear()
         _lane_sites.clear()
+        _lse_scratch_buffers.clear()
 
 
 def attention_impl(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, site, policy,

@@ -108,7 +108,8 @@ def test_the_second_call_of_a_key_takes_its_lane(lanes, mask_kind, causal, gqa, 
 def test_out_only_calls_write_lse_into_the_lanes_buffer(lanes, mask_kind, causal):
     """Inductor's direct call for a graph that reads ``out`` alone
     (``op.inductor_attention_out_only``): on its lane the kernel's lse goes into one buffer
-    the lane keeps, the seed is the shared template, and ``out`` is new every call."""
+    the lanes of its shape share, the seed is the shared template, and ``out`` is new every
+    call."""
     outs = []
     for call in range(4):
         q, k, v, mask = _inputs(call, mask_kind=mask_kind)
@@ -121,6 +122,11 @@ def test_out_only_calls_write_lse_into_the_lanes_buffer(lanes, mask_kind, causal
     assert len(lane_lses) == 1 and outs[0][1].data_ptr() not in lane_lses
     assert all(seed is op._NO_SEED for _, _, seed in outs[1:])
     assert len({out.data_ptr() for out, _, _ in outs}) == 4   # (all alive: none reused)
+    for _ in range(2):   # another site's lane of the same shape: the same buffer
+        q, k, v, mask = _inputs(9, mask_kind=mask_kind)
+        _, lse, _ = op.inductor_attention_out_only(q, k, v, mask, 0.0, causal, None, False,
+                                                   "t-lane-2", "exact", "triton", True)
+    assert lanes["lane"] == 4 and lse.data_ptr() in lane_lses
     for call, (out, _, _) in enumerate(outs):   # earlier outputs untouched by later calls
         q, k, v, mask = _inputs(call, mask_kind=mask_kind)
         ref, _ = reference_with_lse(q, k, v, mask, causal, 1 / math.sqrt(q.shape[-1]))
