@@ -238,11 +238,34 @@ def _describe_mha(m, site_id: str, graph: str, options: Options, training: bool 
                 dynamic=not all(isinstance(s, int) for s in (*m.q_shape, *m.k_shape)))
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
+def inductor_config_for_mode(mode: Optional[str]) -> dict:
+    """Inductor's config for ``torch.compile``'s ``mode`` (torch passes it to any backend; ours
+    compiles with Inductor, which takes it as it would from stock torch.compile: CUDA graphs
+    under "reduce-overhead", autotuned GEMMs under "max-autotune"). Under CUDA graphs our op
+    is left out of them (it is tagged ``cudagraph_unsafe``: its host-side plans and checks
+    must run every call), and Inductor's graph partition captures what lies between calls."""
+    if mode is None or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+    modes = list_mode_options()
+    if not isinstance(mode, str) or mode not in modes:
+        raise ValueError(f"adaattn backend: bad value {mode!r} for argument 'mode'; allowed: "
+                         f"{', '.join(repr(m) for m in sorted({'default', *modes}))}")
+    return dict(list_mode_options(mode))
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str,
+                  mode: Optional[str] = None) -> Callable:
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
         inductor_call.install()
+        patches = inductor_config_for_mode(mode)
+        if patches:
+            return compile_fx(gm, example_inputs, config_patches=patches)
         return compile_fx(gm, example_inputs)
+    if mode not in (None, "default"):
+        warnings.warn(f"adaattn backend: mode={mode!r} is Inductor's; inner={inner!r} "
+                      "compiles without it", RuntimeWarning, stacklevel=3)
     if inner == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
         return aot_eager(gm, example_inputs)
@@ -260,7 +283,10 @@ class AdaAttnBackend:
         options = self.options
         if kwargs.get("options") is not None:
             options = Options.parse({**dataclass_dict(self.options), **kwargs.pop("options")})
-        return compile_graph(gm, example_inputs, options, self.recorder)
+        mode = kwargs.pop("mode", None)
+        if kwargs:
+            raise TypeError(f"adaattn backend: unexpected argument(s) {sorted(kwargs)}")
+        return compile_graph(gm, example_inputs, options, self.recorder, mode)
 
     def __repr__(self) -> str:
         return f"adaattn_compile.backend({self.options.describe()})"
@@ -270,7 +296,8 @@ def dataclass_dict(options: Options) -> dict:
     return dict(options.__dict__)
 
 
-def compile_graph(gm, example_inputs, options: Options, recorder=None):
+def compile_graph(gm, example_inputs, options: Options, recorder=None, mode=None):
+    inductor_config_for_mode(mode)   # (a bad mode is the caller's error: raised before any work)
     name = f"graph{next(_graph_ids)}"
     original: list = []
     # AOT differentiates the graph when grad mode is on and an input (parameters included)
@@ -287,7 +314,7 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
     building = _start_prebuild(gm, record, name)
     start = time.perf_counter()
     try:
-        compiled = inner_compile(gm, example_inputs, options.inner)
+        compiled = inner_compile(gm, example_inputs, options.inner, mode)
     except Exception as exc:
         from torch._dynamo.exc import TorchDynamoException
         if not record.sites or isinstance(exc, TorchDynamoException):
@@ -303,7 +330,7 @@ def compile_graph(gm, example_inputs, options: Options, recorder=None):
         gm.graph = original[0]
         gm.recompile()
         record.code_after = gm.code
-        compiled = inner_compile(gm, example_inputs, options.inner)
+        compiled = inner_compile(gm, example_inputs, options.inner, mode)
     finally:
         record.inner_seconds = time.perf_counter() - start
         if building is not None:
@@ -328,11 +355,13 @@ def _start_prebuild(gm: fx.GraphModule, record: GraphRecord, name: str):
         return None
 
 
-def adaattn_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, **kwargs):
-    """Entry point registered as ``torch_dynamo_backends: adaattn``."""
+def adaattn_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None,
+                    mode: Optional[str] = None, **kwargs):
+    """Entry point registered as ``torch_dynamo_backends: adaattn``. ``options``: ours (see
+    options.py); ``mode``: torch.compile's, passed on to Inductor."""
     if kwargs:
         raise TypeError(f"adaattn backend: unexpected argument(s) {sorted(kwargs)}")
-    return compile_graph(gm, example_inputs, Options.parse(options))
+    return compile_graph(gm, example_inputs, Options.parse(options), mode=mode)
 
 
 class record_graphs:

@@ -864,9 +864,16 @@ _lib = torch.library.Library("adaattn", "FRAGMENT")   # kept alive: it owns the 
 # implementation says). Under the default (needs_exact_strides) Inductor realised a computed
 # input again for every call that reads it, with the traced strides: T5's position bias, read
 # by all six encoder layers, became four 256 MiB copies alive at once at L = 4096 (H100).
+# cudagraph_unsafe: under torch.compile's CUDA graphs (mode="reduce-overhead") Inductor leaves
+# the op's calls out of the graphs it captures (its graph partition captures what lies between
+# them): a call's plan, lanes, mask proofs and precision checks run on the host, some of them
+# reading the device, every call.
+_UNSAFE_FOR_CUDA_GRAPHS = tuple(getattr(torch.Tag, name) for name in ("cudagraph_unsafe",)
+                                if hasattr(torch.Tag, name))
 _lib.define(_ATTENTION_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,) + tuple(
-    getattr(torch.Tag, name) for name in ("flexible_layout",) if hasattr(torch.Tag, name)))
-_lib.define(_BACKWARD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+    getattr(torch.Tag, name) for name in ("flexible_layout",) if hasattr(torch.Tag, name))
+    + _UNSAFE_FOR_CUDA_GRAPHS)
+_lib.define(_BACKWARD_SCHEMA, tags=(torch.Tag.pt2_compliant_tag,) + _UNSAFE_FOR_CUDA_GRAPHS)
 _lib.impl("attention", _outside_dynamo(attention_impl), "CompositeExplicitAutograd")
 _lib.impl("attention_backward", _outside_dynamo(attention_backward_impl),
           "CompositeExplicitAutograd")

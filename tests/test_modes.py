@@ -102,3 +102,72 @@ def test_training_gradients_match_eager(inner):
     assert abs(loss_c.item() - loss.item()) < 1e-5
     for g, r in zip(got, ref):
         assert rel_err(g, r) < 1e-4
+
+
+MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["string", "callable"])
+def test_torch_compile_mode_reaches_inductor(monkeypatch, mode, backend):
+    """torch.compile passes ``mode`` to any backend; ours hands Inductor the config stock
+    torch.compile would (Inductor itself stubbed here: the real compiles are below)."""
+    from torch._inductor import compile_fx, list_mode_options
+    seen = []
+
+    def recording_compile_fx(gm, example_inputs, **kwargs):
+        seen.append(kwargs.get("config_patches"))
+        return gm.forward
+    monkeypatch.setattr(compile_fx, "compile_fx", recording_compile_fx)
+    model, idx = model_and_input()
+    chosen = "adaattn" if backend == "string" else adaattn_compile.backend(policy="exact")
+    with torch.no_grad():
+        out = torch.compile(model, backend=chosen, mode=mode)(idx)
+    assert seen == [None if mode == "default" else list_mode_options(mode)]
+    assert rel_err(out, model(idx)) < 1e-5
+
+
+def test_reduce_overhead_compiles_and_runs_on_cpu():
+    model, idx = model_and_input()
+    compiled = torch.compile(model, backend="adaattn", mode="reduce-overhead")
+    with record_graphs() as records, torch.no_grad():
+        for seed in range(3):
+            idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+            assert rel_err(compiled(idx), model(idx)) < 1e-5
+    assert sum(len(r.sites) for r in records) == 2
+
+
+def test_a_bad_mode_is_named():
+    model, idx = model_and_input()
+    with pytest.raises(Exception, match="argument 'mode'"):
+        torch.compile(model, backend="adaattn", mode="fastest")(idx)
+
+
+def test_the_op_is_left_out_of_cuda_graphs():
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("a torch without the cudagraph_unsafe tag")
+    for op in (torch.ops.adaattn.attention.default, torch.ops.adaattn.attention_backward.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_captures_the_graph_around_the_op(monkeypatch):
+    """mode="reduce-overhead" on the GPU: Inductor's CUDA graphs replay what lies between the
+    op's calls, and the op itself runs every call (its Python, its checks), with fresh inputs
+    giving fresh results."""
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self: replays.append(1) or real_replay(self))
+    torch.manual_seed(0)
+    model = TinyGPT(layers=2).cuda().eval()
+    compiled = torch.compile(model, mode="reduce-overhead",
+                             backend=adaattn_compile.backend(policy="exact", small_call_gflops=0))
+    adaattn_compile.reset_stats()
+    with torch.no_grad():
+        for seed in range(6):
+            idx = torch.randint(0, 256, (2, 64), device="cuda",
+                                generator=torch.Generator(device="cuda").manual_seed(seed))
+            assert rel_err(compiled(idx), model(idx)) < 1e-4
+    assert replays, "no CUDA graph was replayed"
+    assert sum(entry["calls"] for entry in adaattn_compile.stats().values()) == 6 * 2
