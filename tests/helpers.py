@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaattn_compile
 from adaattn_compile.compiler import record_graphs, rewrite_graph
@@ -94,3 +95,15 @@ class RecordingBound:
         args = list(self.args)
         args[:len(tensors)] = tensors
         self.fn[self.grid](*args, **self.kwargs)
+
+
+class RecordingMode(TorchDispatchMode):
+    """A torch dispatch mode that records every op it sees (``.ops``) and runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaattn_compile
 from adaattn_compile import inductor_call, op
-from helpers import reference_attention, rel_err
+from helpers import RecordingMode, reference_attention, rel_err
 
 OPERATOR = "torch.ops.adaattn.attention.default("
 OUT_ONLY = "_adaattn_attention_out_only("
@@ -76,15 +75,6 @@ def test_the_lowering_is_installed_once_and_keeps_inductors_fallback():
     assert lower._adaattn_direct and lower._is_fallback_handler
 
 
-class _Recording(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
 
 class _Sub(torch.Tensor):
     pass
@@ -110,7 +100,7 @@ def test_the_entry_points_go_through_the_dispatcher_where_it_could_do_more(monke
         q = q.as_subclass(_Sub)
     if why == "switched off":
         monkeypatch.setattr(op, "_DIRECT_CALL", False)
-    mode = _Recording() if why == "dispatch mode" else None
+    mode = RecordingMode() if why == "dispatch mode" else None
     profiler = torch.profiler.profile() if why == "profiler" else None
     with (mode or profiler or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
         out, lse, seed = getattr(op, entry)(q, k, v, mask, 0.0, False, None, False, "t-direct",

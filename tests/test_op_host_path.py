@@ -7,13 +7,12 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaattn_compile
 from adaattn_compile import op
 from adaattn_compile.options import Options
 from adaattn_compile.planner import seq_bucket
-from helpers import rel_err
+from helpers import RecordingMode, rel_err
 
 attention = torch.ops.adaattn.attention.default
 
@@ -139,15 +138,6 @@ def test_two_threads_run_one_compiled_model():
     assert sum(e["calls"] for e in snap.values()) == 200
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("variant", ["plain", "mask", "causal"])
 def test_every_dispatch_route_gives_the_same_result(variant):
@@ -163,7 +153,7 @@ def test_every_dispatch_route_gives_the_same_result(variant):
     outs = {"grad mode, no input requires grad": call(q, k, v, mask, causal=causal)[0]}
     with torch.inference_mode():
         outs["inference_mode"] = call(q, k, v, mask, causal=causal)[0]
-    recorder = _Recorder()
+    recorder = RecordingMode()
     with recorder, torch.no_grad():   # a mode on: the redispatch route
         outs["dispatch mode"] = call(q, k, v, mask, causal=causal)[0]
     assert attention in recorder.ops
