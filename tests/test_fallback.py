@@ -34,10 +34,10 @@ def test_failure_compiling_the_rewritten_graph_compiles_it_unchanged(monkeypatch
     mask and is_causal=True for T5's decoder) is compiled as it came, with a warning."""
     real = compiler.inner_compile
 
-    def picky(gm, example_inputs, inner):
+    def picky(gm, example_inputs, inner, mode=None):
         if "adaattn" in gm.code:
             raise RuntimeError("injected inner compile failure")
-        return real(gm, example_inputs, inner)
+        return real(gm, example_inputs, inner, mode)
     monkeypatch.setattr(compiler, "inner_compile", picky)
     torch.manual_seed(0)
     model, idx = TinyGPT().eval(), torch.randint(0, 256, (2, 16))
