@@ -15,7 +15,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from adaattn_compile.kernels import attn8_hopper as a8h  # noqa: E402
-from sm90_offline_compile import compile_or_report, dump, resources  # noqa: E402
+from sm90_offline_compile import compile_or_report, dump, summary  # noqa: E402
+
+# PTX instructions counted per build: (label, pattern)
+_COUNTS = (("wgmma", "wgmma.mma_async"), ("st.shared", "st.shared"), ("ld.shared", "ld.shared"),
+           ("shfl", "shfl.sync"), ("prmt", "prmt"), ("cvt", "cvt."))
 
 
 def main():
@@ -51,13 +55,7 @@ def main():
                 k = compile_or_report(a8h._attn8_fwd_sm90, args, name)
                 if k is None:
                     continue
-                regs, stack = resources(k)
-                ptx = k.asm["ptx"]
-                print(f"{name} regs={regs} stack={stack} smem={k.metadata.shared} "
-                      f"wgmma={ptx.count('wgmma.mma_async')} st.shared={ptx.count('st.shared')} "
-                      f"ld.shared={ptx.count('ld.shared')} shfl={ptx.count('shfl.sync')} "
-                      f"prmt={ptx.count('prmt')} cvt={ptx.count('cvt.')} "
-                      f"local={'ld.local' in ptx or 'st.local' in ptx}", flush=True)
+                print(f"{name} {summary(k, _COUNTS)}", flush=True)
                 if a.dump:
                     dump(k, a.dump, f"D{D}_{'_'.join(map(str, cfg))}_{'c' if causal else 'n'}")
 

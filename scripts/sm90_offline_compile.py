@@ -89,6 +89,19 @@ def resources(kernel):
     return (int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1)
 
 
+def summary(kernel, counts=(("wgmma", "wgmma.mma_async"),), extra="") -> str:
+    """One line on a compiled kernel: registers, stack, shared memory, the count of each
+    (label, PTX pattern) in ``counts``, ``extra``, and whether it spills to local memory."""
+    regs, stack = resources(kernel)
+    ptx = kernel.asm["ptx"]
+    parts = [f"regs={regs}", f"stack={stack}", f"smem={kernel.metadata.shared}",
+             *(f"{label}={ptx.count(pattern)}" for label, pattern in counts)]
+    if extra:
+        parts.append(extra)
+    parts.append(f"local={'ld.local' in ptx or 'st.local' in ptx}")
+    return " ".join(parts)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
@@ -138,12 +151,8 @@ def main():
             k = compile_or_report(fh._attn_fwd_sm90, args, f"D={D} {variant}")
             if k is None:
                 continue
-            regs, stack = resources(k)
-            ptx = k.asm["ptx"]
-            print(f"D={D} {variant:6s} cfg={cfg} "
-                  f"regs={regs} stack={stack} smem={k.metadata.shared} "
-                  f"wgmma={ptx.count('wgmma.mma_async')} setmaxnreg={re.findall(r'setmaxnreg[^;]*', ptx)} "
-                  f"local={'ld.local' in ptx or 'st.local' in ptx}")
+            setmaxnreg = re.findall(r"setmaxnreg[^;]*", k.asm["ptx"])
+            print(f"D={D} {variant:6s} cfg={cfg} {summary(k, extra=f'setmaxnreg={setmaxnreg}')}")
             if a.dump:
                 dump(k, a.dump, f"D{D}_{variant}")
 
