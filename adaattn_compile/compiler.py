@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import inductor_call, mask_proofs, op, prebuild
-from .passes import mha
+from .passes import mha, relative_bias
 from .options import Options
 from .passes.graph_utils import hint, location, meta
 from .passes.match import AttentionMatch, find_attention
@@ -83,6 +83,11 @@ def rewrite_graph(gm: fx.GraphModule, options: Options, name: str,
         erase_dead(gm, dead)
         if record.sites:
             share_mask_computations(gm)
+            # (after the merge: the layers' copies of one bias are one node, one table)
+            tabled = set(relative_bias.relative_bias_tables(gm, training))
+            for site in record.sites:
+                if site.id in tabled:
+                    site.notes += (relative_bias.NOTE,)
             copy_shared_strided_masks(gm)
             _register_mask_groups(gm, name)
         gm.graph.lint()

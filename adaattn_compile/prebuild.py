@@ -85,10 +85,12 @@ class TensorSpec:
         return extent * self.dtype.itemsize
 
     def zeros(self, device) -> torch.Tensor:
-        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
-        if self.dtype == torch.bool:
-            return t.fill_(True)   # (an all-masked bool mask would be a different call)
-        return t.zero_()
+        # (filled through a flat buffer: the layout may overlap itself, as a relative bias's
+        # view of its table does, and torch refuses in-place writes into such a view)
+        extent = self.nbytes // self.dtype.itemsize
+        fill = True if self.dtype == torch.bool else 0   # (all masked would be another call)
+        flat = torch.full((extent,), fill, dtype=self.dtype, device=device)
+        return flat.as_strided(self.shape, self.stride)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -338,6 +338,9 @@ def test_tensor_spec_zeros_keeps_strides_and_fills():
     assert spec.nbytes == (1 + 2 * 1 + 3 * 3) * 2
     keep = prebuild.TensorSpec((1, 5), (5, 1), torch.bool).zeros("cpu")
     assert keep.all()
+    # a relative bias's view of its per-offset table: rows overlap (unit strides both ways)
+    table_view = prebuild.TensorSpec((1, 4, 6, 7), (0, 12, 1, 1), torch.bfloat16).zeros("cpu")
+    assert table_view.stride() == (0, 12, 1, 1) and not table_view.any()
 
 
 @pytest.mark.gpu

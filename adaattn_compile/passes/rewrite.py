@@ -35,7 +35,9 @@ def _fake_mode(values):
 
 
 def insert_node(graph: fx.Graph, kind: str, target, args, kwargs=None,
-                stack_trace=None) -> fx.Node:
+                stack_trace=None, fake_mode=None) -> fx.Node:
+    """A new call node with Dynamo's ``example_value`` metadata (``fake_mode``: the mode to
+    compute it in where no tensor argument carries one, e.g. a factory call)."""
     node = graph.create_node(kind, target, tuple(args), kwargs or {})
     if stack_trace:
         node.meta["stack_trace"] = stack_trace
@@ -44,7 +46,7 @@ def insert_node(graph: fx.Graph, kind: str, target, args, kwargs=None,
     fake_kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
     flat = [a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs))
             if isinstance(a, torch.Tensor)]
-    mode = _fake_mode(flat)
+    mode = _fake_mode(flat) or fake_mode
     try:
         if mode is not None:
             with mode:

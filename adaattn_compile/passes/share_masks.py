@@ -63,7 +63,8 @@ def _mask_inputs(gm: fx.GraphModule) -> Set[fx.Node]:
     return masks
 
 
-def _cone(masks: Set[fx.Node]) -> Set[fx.Node]:
+def cone(masks: Set[fx.Node]) -> Set[fx.Node]:
+    """The nodes ``masks`` are computed from, themselves included."""
     seen: Set[fx.Node] = set()
     stack = list(masks)
     while stack:
@@ -182,11 +183,11 @@ def copy_shared_strided_masks(gm: fx.GraphModule) -> int:
 
 def share_mask_computations(gm: fx.GraphModule) -> int:
     """Merge repeated pure computations in the cones of attention masks; -> nodes merged."""
-    cone = _cone(_mask_inputs(gm))
+    in_cone = cone(_mask_inputs(gm))
     first: Dict[Any, fx.Node] = {}
     merged = 0
     for node in list(gm.graph.nodes):
-        if node not in cone or not _pure(node):
+        if node not in in_cone or not _pure(node):
             continue
         key: Optional[Any] = (node.op, node.target, _key(node.args), _key(dict(node.kwargs)))
         if key[2] is None or key[3] is None:
