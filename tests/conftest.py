@@ -20,11 +20,18 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interpreter = pytest.mark.skip(reason="plans our kernels for CPU tensors: needs "
+                                               "TRITON_INTERPRET=1 (CPU-only machines)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not INTERPRETED:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(autouse=True)

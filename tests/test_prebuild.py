@@ -39,6 +39,7 @@ def _decisions(record, **change):
     return {s.id: dataclasses.replace(s.decision, **change) for s in record.sites}
 
 
+@pytest.mark.interpreter
 def test_one_job_per_distinct_call_with_the_fake_layouts():
     args = _inputs()
     gm, record = rewritten(_three_sites, args, {"policy": "exact", **TRITON})
@@ -115,6 +116,7 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_job_makes_the_call_the_first_run_makes(spy, dtype):
     args = _inputs(dtype)
@@ -134,6 +136,7 @@ def test_a_job_makes_the_call_the_first_run_makes(spy, dtype):
     assert "2 kernel call(s) prebuilt alongside it" in report
 
 
+@pytest.mark.interpreter
 def test_gqa_and_bool_mask_jobs_match_the_run(spy):
     def gqa(q, k, v, keep):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
@@ -157,6 +160,7 @@ def _tensor_sig(t):
     return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_a_training_graph_builds_the_backward_its_first_call_runs(monkeypatch, with_bias):
     """A graph compiled for training: its job runs the backward too, with the layouts, flags
@@ -200,6 +204,7 @@ def test_a_training_graph_builds_the_backward_its_first_call_runs(monkeypatch, w
         assert rel_err(bias.grad, br.grad) < 1e-4
 
 
+@pytest.mark.interpreter
 def test_a_failed_job_is_recorded_and_the_first_call_builds(monkeypatch):
     monkeypatch.setattr(prebuild, "DEVICE_TYPES", ("cpu",))
 
@@ -231,6 +236,7 @@ def test_switched_off_no_thread(monkeypatch, spy):
     assert "prebuilt" not in str(Report(records, Options.parse({"policy": "exact"})))
 
 
+@pytest.mark.interpreter
 def test_the_compile_waits_for_the_thread(monkeypatch):
     """The graph is handed back only once its jobs are done (none still building during the
     first call), and the wait is what the jobs took beyond the inner compile."""
@@ -261,6 +267,7 @@ def _masked(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mask_shape, variants", [
     ((1, 1, 32, 32), [(None, True), (None, False)]),   # square: proven causal, or empty
     ((2, 1, 1, 32), []),            # a key mask: not checked at a dense inference site
@@ -284,6 +291,7 @@ def test_masks_the_op_may_prove_add_variant_jobs_after_the_calls_as_written(
     assert len(prebuild.jobs_for(gm, _decisions(record), device_types=("cpu",))) == 1
 
 
+@pytest.mark.interpreter
 def test_a_key_mask_proven_empty_is_a_variant_where_gradients_follow(monkeypatch):
     from adaattn_compile import mask_proofs, op
     monkeypatch.setattr(mask_proofs, "MIN_LEN", 16)
@@ -297,6 +305,7 @@ def test_a_key_mask_proven_empty_is_a_variant_where_gradients_follow(monkeypatch
     assert [(j.mask, j.is_causal, j.variant) for j in jobs[1:]] == [(None, False, True)]
 
 
+@pytest.mark.interpreter
 def test_variants_start_only_while_the_inner_compile_runs(monkeypatch):
     """With the (eager) inner compile done at once, the calls as written are still built
     and the variants are not: the first call of a variant builds it, as without a prebuild."""

@@ -253,3 +253,27 @@ def test_a_failed_or_disabled_table_leaves_the_site_as_it_was(how, monkeypatch):
     code = records[0].code_after
     assert "as_strided(" not in code and "flip(" not in code and "arange(47" not in code
     assert rel_err(out.double(), ref) < 1e-5
+
+
+def _transposed_grid(q, k, v, table):
+    """The grid built (Lk, Lq) and permuted back: the proof follows the dims, not the order."""
+    rel = torch.arange(k.shape[-2])[:, None] - torch.arange(q.shape[-2])[None, :]   # (Lk, Lq)
+    bias = F.embedding(_bucket(rel), table).permute(2, 1, 0).unsqueeze(0)         # (1, H, Lq, Lk)
+    return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+
+def _renormed(q, k, v, table):
+    """max_norm renormalises the embedding's table in place: not a pure lookup."""
+    rel = torch.arange(k.shape[-2])[None, :] - torch.arange(q.shape[-2])[:, None]
+    bias = F.embedding(_bucket(rel), table, max_norm=1.0).permute([2, 0, 1]).unsqueeze(0)
+    return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+
+@pytest.mark.parametrize("fn, tabled", [(_transposed_grid, True), (_renormed, False)],
+                         ids=["transposed-grid", "max-norm"])
+def test_grid_layouts_and_lookups(fn, tabled):
+    q, k, v, table = _inputs(19, 26, seed=13)
+    ref = fn(q.double(), k.double(), v.double(), table.double().clone())
+    out, sites, _, _ = compile_and_run(fn, q, k, v, table.clone())
+    assert len(sites) == 1 and (NOTE in sites[0].notes) == tabled
+    assert rel_err(out.double(), ref) < 1e-5
