@@ -277,3 +277,35 @@ def test_grid_layouts_and_lookups(fn, tabled):
     out, sites, _, _ = compile_and_run(fn, q, k, v, table.clone())
     assert len(sites) == 1 and (NOTE in sites[0].notes) == tabled
     assert rel_err(out.double(), ref) < 1e-5
+
+
+def test_rewritten_graph_printed():
+    """The table's computation, the view and the flips as the rewritten graph prints them."""
+    assert_expected_inline = pytest.importorskip("expecttest").assert_expected_inline
+
+    def alibi_like(q, k, v):
+        rel = torch.arange(k.shape[-2])[None, :] - torch.arange(q.shape[-2])[:, None]
+        bias = (-0.5 * rel.abs().float()).unsqueeze(0).unsqueeze(0)
+        return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+    q, k, v, _ = _inputs(6, 6, seed=2)
+    gm, record = rewritten(alibi_like, (q, k, v), {"policy": "exact"})
+    lines = [line.strip().split(";")[0] for line in gm.code.splitlines()
+             if any(word in line for word in ("arange", "view", "abs", "float", "mul",
+                                              "unsqueeze", "contiguous", "as_strided", "flip",
+                                              "attention"))]
+    assert_expected_inline("\n".join(lines), """\
+arange_2 = torch.arange(11, dtype = torch.int64, device = device(type='cpu'))
+sub_1 = 5 - arange_2
+view = sub_1.view((1, 11))
+abs_2 = view.abs()
+float_2 = abs_2.float()
+mul_1 = -0.5 * float_2
+unsqueeze_2 = mul_1.unsqueeze(0)
+unsqueeze_3 = unsqueeze_2.unsqueeze(0)
+contiguous = unsqueeze_3.contiguous()
+as_strided = contiguous.as_strided((1, 1, 6, 6), (0, 0, 1, 1))
+flip = torch.flip(l_k_, (-2,))
+flip_1 = torch.flip(l_v_, (-2,))
+attention_default = torch.ops.adaattn.attention.default(l_q_, flip, flip_1, as_strided, 0.0, False, 1.0, False, 's0', 'exact', 'auto')
+getitem_2 = attention_default[0]""")
