@@ -288,6 +288,8 @@ def test_rewritten_graph_printed():
         bias = (-0.5 * rel.abs().float()).unsqueeze(0).unsqueeze(0)
         return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
 
+    from adaattn_compile.compiler import reset_ids
+    reset_ids()   # (site ids count from 0 again: the printed call names its site)
     q, k, v, _ = _inputs(6, 6, seed=2)
     gm, record = rewritten(alibi_like, (q, k, v), {"policy": "exact"})
     lines = [line.strip().split(";")[0] for line in gm.code.splitlines()

@@ -319,16 +319,26 @@ def _table(graph: fx.Graph, root, grid, derived, passed, mask: fx.Node, q_dim: i
         args = fx.node.map_arg(node.args, lambda x: copies.get(x, x))
         kwargs = fx.node.map_arg(node.kwargs, lambda x: copies.get(x, x))
         copies[node] = insert_node(graph, node.op, node.target, args, kwargs, fake_mode=mode)
-        if "example_value" not in copies[node].meta:
-            raise RuntimeError(f"relative bias: {node.format_node()} failed on the table "
-                               f"({copies[node].meta.get('adaattn_fake_error')})")
+        # every value of the copy has the original's shape with the query dim 1 and the key
+        # dim n, as the proof's dims say: anything else (a broadcast the dims did not foresee)
+        # would compute another table
+        value, copy = meta(node), meta(copies[node])
+        want = None if value is None else tuple(
+            1 if d == q_dim else n if d == k_dim else size
+            for d, size in zip(derived[node], value.shape))
+        if copy is None or want is None or tuple(copy.shape) != want:
+            raise RuntimeError(f"relative bias: {node.format_node()} gave "
+                               f"{None if copy is None else tuple(copy.shape)} on the table, "
+                               f"not {want} ({copies[node].meta.get('adaattn_fake_error')})")
     return insert_node(graph, "call_method", "contiguous", (copies[mask],), fake_mode=mode)
 
 
 def relative_bias_tables(gm: fx.GraphModule, training: bool = False) -> List[str]:
     """Give each eligible op call its bias as a per-offset table (module docstring); -> the
-    sites changed. Inference only: a trainable bias would need its gradient summed along
-    diagonals, which the op's backward does not do."""
+    sites changed. Inference only, for now: through the view, the table's gradient is the
+    op's dense mask gradient summed along anti-diagonals by as_strided's backward (the CPU run
+    of a training step matched float64, 1e-6), but that backward's speed and memory on the GPU
+    have not been measured."""
     if training or os.environ.get("ADAATTN_RELATIVE_BIAS", "1") == "0":   # (0: for A/B runs)
         return []
     attention = torch.ops.adaattn.attention.default
