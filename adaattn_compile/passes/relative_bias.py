@@ -246,11 +246,10 @@ def _prove(mask: fx.Node, gm: fx.GraphModule):
     their operands) when ``mask`` is a function of one offset grid alone (see the module's
     docstring); else None."""
     ancestors = cone({mask})
-    roots = [n for n in ancestors if _offset_grid(n) is not None]
-    if len(roots) != 1:
+    grids = {n: g for n in ancestors if (g := _offset_grid(n)) is not None}
+    if len(grids) != 1:
         return None
-    root = roots[0]
-    grid = _offset_grid(root)
+    (root, grid), = grids.items()
     derived: Dict[fx.Node, tuple] = {root: tuple(d if grid[1][d] else None
                                                  for d in range(len(grid[1])))}
     passed: Dict[fx.Node, fx.Node] = {}
@@ -357,7 +356,7 @@ def relative_bias_tables(gm: fx.GraphModule, training: bool = False) -> List[str
         q, k, v = (meta(a) for a in call.args[:3])
         bias = meta(mask)
         if (q is None or k is None or v is None or bias is None or bias.dim() < 2
-                or bias.dtype == torch.bool or not bias.is_floating_point()):
+                or not bias.is_floating_point()):   # (a bool keep mask is no bias)
             continue
         lq, lk = q.shape[-2], k.shape[-2]
         if not all(type(s) is int for s in (lq, lk, *bias.shape)) \
