@@ -20,10 +20,16 @@ call's time, in rounds that take turns (the host's speed drifts within a run). F
     launch (``launch._C_LAUNCH``, see ``launch.CLaunch``).
 A host-probe (a fixed pure-Python loop) is printed with each model: the H100 machine's host
 speed moves by 2x between runs.
+
+``--fine``: stock and adaattn only, forwards alternating one by one (``--calls * --rounds``
+each): the spread of their host times, the op's steps and their callees timed in place (the
+bias tile, the descriptors, the C launch), and the garbage collections and cudaMalloc calls
+that fell within them.
 """
 import argparse
 import collections
 import functools
+import gc
 import statistics
 import sys
 import time
@@ -33,7 +39,7 @@ import torch
 import adaattn_compile
 from adaattn_compile import op as op_module
 from adaattn_compile.bench import host_probe, main_tensor, model_and_inputs
-from adaattn_compile.kernels import flash, launch
+from adaattn_compile.kernels import flash, flash_hopper, launch
 
 stats_module = sys.modules["adaattn_compile.stats"]   # (the package's `stats` is a function)
 
@@ -73,12 +79,101 @@ def per_call(step, calls):
     return statistics.median(host), statistics.median(wall)
 
 
+def _gc_timer():
+    """gc.callbacks entry timing each collection: -> (callback, {generation: [count, s]})."""
+    spent = collections.defaultdict(lambda: [0, 0.0])
+    started = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            entry = spent[info["generation"]]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - started[0]
+    return callback, spent
+
+
+def fine(stock, ours, forwards):
+    """Stock and adaattn forwards alternating, each started on an idle device: the spread of
+    their host times, what our steps cost in place (their callees timed one level down), and
+    what else ran during them (collections, cudaMalloc calls)."""
+    timed = []
+    for module, name in ((op_module, "inductor_attention_out_only"), (op_module, "_direct_ok"),
+                         (op_module, "attention_impl"), (op_module, "_lane_call"),
+                         (flash, "_fwd_signature"), (flash, "run_fast"),
+                         (flash, "_EMPTY_STRIDED_CUDA"), (flash_hopper.BoundForward, "__call__"),
+                         (flash_hopper, "_shared_bias_tile"), (flash_hopper, "_bias_tile"),
+                         (launch.CLaunch, "descriptor"), (launch.CLaunch, "__call__"),
+                         (launch, "hooks"), (stats_module, "record_call")):
+        if getattr(module, name, None) is not None:
+            timed.append((module, name, _timed(module, name,
+                                               f"{getattr(module, '__name__', '?')}.{name}")))
+    host = {"stock": [], "adaattn": [], "adaattn, timers on": []}
+    gc_spent = {name: None for name in host}
+    mallocs = {name: 0 for name in host}
+    callbacks = {}
+    for name in host:
+        callbacks[name] = _gc_timer()
+
+    def one(name, step):
+        callback, _ = callbacks[name]
+        gc.callbacks.append(callback)
+        before = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        mallocs[name] += torch.cuda.memory_stats().get("num_device_alloc", 0) - before
+        gc.callbacks.remove(callback)
+        host[name].append((t1 - t0) * 1e3)
+
+    real = {module_name: (module, name, fn) for module_name, (module, name, fn) in
+            ((f"{m.__name__}.{n}", (m, n, f)) for m, n, f in timed)}
+    wrapped = {key: getattr(module, name) for key, (module, name, _) in real.items()}
+
+    def set_timers(on):
+        for key, (module, name, fn) in real.items():
+            setattr(module, name, wrapped[key] if on else fn)
+    set_timers(False)
+    for _ in range(3):
+        stock(), ours()
+    _spent.clear()
+    _count.clear()
+    for i in range(forwards):
+        one("stock", stock)
+        one("adaattn", ours)
+        set_timers(True)
+        one("adaattn, timers on", ours)
+        set_timers(False)
+    for name, times in host.items():
+        times = sorted(times)
+        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+        _, spent = callbacks[name]
+        collections_ = ", ".join(f"gen{g} {c} ({s * 1e3:.2f} ms)" for g, (c, s) in sorted(spent.items()))
+        print(f"  {name:20s} host ms over {len(times)} forwards: min {times[0]:.3f}, p25 "
+              f"{q(0.25):.3f}, median {q(0.5):.3f}, p75 {q(0.75):.3f}, max {times[-1]:.3f}; "
+              f"collections: {collections_ or 'none'}; cudaMalloc calls {mallocs[name]}",
+              flush=True)
+    print(f"  timed in place (mean per forward over {forwards}):", flush=True)
+    for label in sorted(_spent, key=lambda x: -_spent[x]):
+        print(f"    {label:45s} {_spent[label] / forwards * 1e3:7.3f} ms "
+              f"({_count[label] / forwards:.0f} calls, "
+              f"{_spent[label] / max(_count[label], 1) * 1e6:6.1f} us each)", flush=True)
+    print(f"  host probe now {host_probe()[0]:.1f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="bert-sdpa")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--fine", action="store_true",
+                    help="only stock against adaattn, many alternating forwards: each one's "
+                         "host time, the op's steps timed in place, garbage collections and "
+                         "device allocations during them")
     args = ap.parse_args()
     model, a, kw = model_and_inputs(args.model, args.seq)
 
@@ -100,6 +195,9 @@ def main():
     ours()
     sites = sum(s["calls"] for s in adaattn_compile.stats().values()) - calls_before
     print(f"  op calls a forward: {sites}", flush=True)
+    if args.fine:
+        fine(stock, ours, args.calls * args.rounds)
+        return
 
     # the body stubbed: each call returns the outputs of the real call with the same shapes
     saved = {}

@@ -278,6 +278,69 @@ def test_bias_tile_layout(dtype, rows):
     assert torch.equal(again, tile)
 
 
+def _tile_masks(is_bool, dtype, device):
+    """Key rows in every layout _bias_tile takes: (mask, (B, H, Lq, Lk)); bool ones also as
+    their uint8 view (what bound launches pass)."""
+    B, H, Lq, Lk = 3, 4, 5, 300   # (Lk over the kernel's 256-key block, not a multiple of it)
+    if is_bool:
+        rows = {"batch_row": torch.rand(B, 1, 1, Lk, device=device) > 0.3,
+                "head_row": torch.rand(1, H, 1, Lk, device=device) > 0.3,
+                "key_vector": torch.rand(Lk, device=device) > 0.3,
+                "offset_view": (torch.rand(B, 1, Lq, Lk + 3, device=device) > 0.3)[:, :, 2:3, 1:-2]}
+        rows["uint8_view"] = rows["batch_row"].view(torch.uint8)
+    else:
+        def r(*s):
+            x = torch.randn(*s, device=device, dtype=dtype)
+            x[..., -7:] = float("-inf")   # (padded keys: -inf must come through)
+            return x
+        rows = {"batch_row": r(B, 1, 1, Lk), "head_row": r(1, H, 1, Lk), "key_vector": r(Lk),
+                "offset_view": r(B, 1, Lq, Lk + 3)[:, :, 2:3, 1:-2]}
+    return rows, (B, H, Lq, Lk)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("is_bool", [True, False], ids=["bool", "additive"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_bias_tile_kernel_matches_the_ops(is_bool, rows):
+    """The tile kernel (here under the interpreter, fp16: its bf16 is not trusted) writes the
+    tile the torch ops build, bit for bit, in every mask layout."""
+    dtype = torch.float16
+    masks, shape = _tile_masks(is_bool, dtype, "cpu")
+    for name, mask in masks.items():
+        _, ms, *_ = flash._prep_mask(mask.view(torch.bool) if name == "uint8_view" else mask,
+                                     shape, torch.device("cpu"))
+        got = flash_hopper._bias_tile_by_kernel(mask, shape, ms, is_bool, dtype, rows)
+        expect = flash_hopper._bias_tile_by_ops(mask, shape, ms, is_bool, dtype, rows)
+        assert got.shape == expect.shape and got.is_contiguous(), name
+        assert torch.equal(got, expect), name
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("is_bool", [True, False], ids=["bool", "additive"])
+def test_bias_tile_on_cuda_is_one_bound_kernel(dtype, is_bool, monkeypatch):
+    """On CUDA _bias_tile runs the kernel, bound after its first launch, and builds the tile
+    the ops build (bf16 too); a failing kernel leaves the ops to build it."""
+    masks, shape = _tile_masks(is_bool, dtype, "cuda")
+    for name, mask in masks.items():
+        _, ms, *_ = flash._prep_mask(mask.view(torch.bool) if name == "uint8_view" else mask,
+                                     shape, mask.device)
+        expect = flash_hopper._bias_tile_by_ops(mask, shape, ms, is_bool, dtype, 2)
+        for _ in range(2):   # (the second call through the bound launch)
+            assert torch.equal(flash_hopper._bias_tile(mask, shape, ms, is_bool, dtype, 2),
+                               expect), name
+    assert flash_hopper._TILE_KERNEL_ON and flash_hopper._TILE_LAUNCHES
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no launch")
+    monkeypatch.setattr(flash_hopper, "_bias_tile_by_kernel", broken)
+    monkeypatch.setattr(flash_hopper, "_TILE_KERNEL_ON", True)   # (restored after the test)
+    with pytest.warns(UserWarning, match="bias tile kernel failed"):
+        got = flash_hopper._bias_tile(mask, shape, ms, is_bool, dtype, 2)
+    assert torch.equal(got, expect) and not flash_hopper._TILE_KERNEL_ON
+
+
 @pytest.mark.parametrize("layout", ["batch_row", "head_row", "key_vector", "offset_view"])
 def test_bias_tile_from_strided_rows(layout):
     """The additive tile copies the row through the caller's strides and storage offset

@@ -38,8 +38,9 @@ cores, see _bias_operand). Numerics are those of
 scale), fully masked rows give 0 and ``lse = -inf``.
 
 The module imports on any triton; :data:`AVAILABLE` says whether Gluon's Hopper API is there.
-Nothing here runs under ``TRITON_INTERPRET`` (Gluon has no interpreter): CPU tests exercise the
-host-side choices, GPU tests the kernel.
+Nothing here runs under ``TRITON_INTERPRET`` (Gluon has no interpreter) but the Triton kernel
+that builds a key row's bias tile: CPU tests exercise the host-side choices and that kernel,
+GPU tests the forward.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ import warnings
 import weakref
 
 import torch
+import triton
+import triton.language as tl
 
 from . import launch
 
@@ -999,16 +1002,86 @@ def _bias_tc(q, mask, mask_flags, sm_scale):
             and os.environ.get("ADAATTN_SM90_BIAS_TC", "1") not in ("0", "false", "False", "no"))
 
 
+@triton.jit
+def _bias_tile_kernel(Mask, Tile, Lk, nh, stride_b, stride_h, stride_k, IS_BOOL: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """One (batch, head) row of keys, BLOCK of them a program: Tile[b, h, j, :] = (bias of key
+    j) in the first ROWS columns, zeros in the rest (see :func:`_bias_tile`)."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < Lk
+    row = tl.load(Mask + (bh // nh) * stride_b + (bh % nh) * stride_h + offs * stride_k,
+                  mask=in_range, other=0)
+    if IS_BOOL:   # (a bool mask arrives as bool or as its uint8 view: compare as ints)
+        bias = tl.where(row.to(tl.int32) != 0, 0.0, float("-inf"))
+    else:         # (an additive row is in the tile's dtype already: _bias_tc asks for it)
+        bias = row.to(tl.float32)
+    cols = tl.arange(0, 16)
+    tile = tl.where(cols[None, :] < ROWS, bias[:, None], 0.0).to(Tile.dtype.element_ty)
+    tl.store(Tile + (bh * Lk + offs[:, None]) * 16 + cols[None, :], tile,
+             mask=in_range[:, None])
+
+
+_TILE_BLOCK = 256
+# Bound launches of the tile kernel by everything its non-tensor arguments follow from; off
+# for the process after a failure (the torch ops build the tile then).
+_TILE_LAUNCHES: dict = {}
+_TILE_KERNEL_ON = True
+
+
 def _bias_tile(mask, shape, mask_strides, is_bool, dtype, rows):
     """The (B|1, H|1, Lk, 16) tile read next to K for BIAS_TC: column 0 (and 1 if ``rows`` is
     2) the bias of key j (a bool mask: 0 / -inf), zeros elsewhere. ``mask``: the caller's row
-    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk); bool ones as they are or as their
-    uint8 view.
+    mask, broadcastable to ``shape`` = (B, Hq, Lq, Lk), read through ``mask_strides`` (those of
+    its expansion to ``shape``: 0 on broadcast dims); bool ones as they are or as their uint8
+    view.
 
-    This runs at every masked call, so an additive row takes two ops: a zero tile and one
-    strided copy of the row into its first columns. (``F.pad`` of the expanded row cost more
-    host time: the bound masked forward enqueued in 93 against 80 us a call, the unmasked one
-    in 33, H100 host, D = 128 causal 512, whose kernel runs 113 us.)"""
+    This runs once per mask value (see :func:`_shared_bias_tile`), at the first site of a
+    forward: on CUDA one kernel (:func:`_bias_tile_kernel`, a bound launch after its first),
+    because the torch ops it took before (where, cast, pad: four launches through the
+    dispatcher) cost 230 us of host time a BERT-base forward on the H100 host, 6 % of the
+    forward where that host is the bound (2026-11-27, ``host_breakdown.py --fine``)."""
+    global _TILE_KERNEL_ON
+    if mask.is_cuda and _TILE_KERNEL_ON:
+        try:
+            return _bias_tile_by_kernel(mask, shape, mask_strides, is_bool, dtype, rows)
+        except Exception as exc:   # the ops below build the same tile
+            _TILE_KERNEL_ON = False
+            warnings.warn(f"flash_hopper: the bias tile kernel failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); building tiles with torch ops from now on")
+    return _bias_tile_by_ops(mask, shape, mask_strides, is_bool, dtype, rows)
+
+
+def _bias_tile_by_kernel(mask, shape, mask_strides, is_bool, dtype, rows):
+    """:func:`_bias_tile` in one launch of :func:`_bias_tile_kernel` (any device triton runs
+    on: the CPU under the interpreter in tests)."""
+    B, H, _, Lk = shape
+    sb, sh, _, sk = mask_strides
+    nb, nh = (B if sb else 1), (H if sh else 1)
+    tile = torch.empty((nb, nh, Lk, 16), dtype=dtype, device=mask.device)
+    key = (mask.dtype, mask.device, mask.data_ptr() % 16 == 0, dtype, nb, nh, Lk, sb, sh, sk,
+           bool(is_bool), rows)
+    bound = _TILE_LAUNCHES.get(key)
+    if bound is not None:
+        bound(mask, tile)
+        return tile
+    args = (mask, tile, Lk, nh, sb, sh, sk)
+    consts = dict(IS_BOOL=bool(is_bool), ROWS=rows, BLOCK=_TILE_BLOCK)
+    grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK"]), nb * nh)  # noqa: E731
+    if mask.is_cuda:
+        launch.launch(_bias_tile_kernel, grid, args, consts, mask.device)
+        bound = launch.bind(_bias_tile_kernel, grid, args, consts, mask.device)
+        if bound is not None:
+            if len(_TILE_LAUNCHES) >= 64:
+                _TILE_LAUNCHES.clear()
+            _TILE_LAUNCHES[key] = bound
+    else:
+        _bias_tile_kernel[grid](*args, **consts)
+    return tile
+
+
+def _bias_tile_by_ops(mask, shape, mask_strides, is_bool, dtype, rows):
+    """:func:`_bias_tile` in torch ops (where the kernel does not run)."""
     B, H, _, Lk = shape
     nb, nh = (B if mask_strides[0] else 1), (H if mask_strides[1] else 1)
     full = mask.expand(shape)
