@@ -369,6 +369,9 @@ PRESETS: Dict[str, List[Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[str, ...]]
         (("gpt", "llama-eager"), (4096,), ("train",)),
         (("gpt", "llama-eager"), (2048,), ("infer",)),
         (("minilm",), (512,), ("infer",)),    # skipped (recorded) where the weights are absent
+        # SDPA models where the host bounds a forward (all their sites stay torch's SDPA):
+        # "never slower" there too
+        (("minilm-sdpa", "bert-sdpa", "gpt2-sdpa", "llama-sdpa"), (512,), ("infer",)),
         # the sweep's ends: the 512 to 16k
         (("gpt", "llama-eager"), (512, 16384), ("infer",)),
     ],

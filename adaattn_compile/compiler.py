@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import os
 import operator
 import threading
 import time
@@ -20,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import inductor_call, mask_proofs, op, prebuild
+from . import inductor_call, inductor_memory, mask_proofs, op, prebuild
 from .passes import mha, relative_bias
 from .options import Options
 from .passes.graph_utils import hint, location, meta
@@ -260,33 +259,18 @@ def inductor_config_for_mode(mode: Optional[str]) -> dict:
     return dict(list_mode_options(mode))
 
 
-def inductor_memory_config() -> dict:
-    """Inductor config our compiles add to the mode's: no pooled buffer reuse.
-
-    Inductor keeps a dead buffer allocated until a later buffer of its size can take its
-    storage, wherever its estimate of the graph's peak says the hold costs nothing; the
-    estimate counts every buffer as a fresh allocation, also those written in place of a
-    dying input, so it runs high where a graph's largest step writes in place (an MLP's
-    activation). Stock graphs of eager attention peak at the (H, L, L) scores, which no hold
-    fits under; ours have no scores, and Inductor then kept a layer's two (L, 8192) MLP
-    buffers through the next layer's attention: HF Llama eager at L = 512 peaked 29.06 MiB
-    above its inputs against stock's 28.50 on the H100, 24.06 without pooled reuse
-    (2026-11-27). Outputs written in place of a dying input are kept (a separate mechanism).
-    ``ADAATTN_BUFFER_REUSE=1`` (read at compile time) leaves Inductor's default."""
-    if os.environ.get("ADAATTN_BUFFER_REUSE", "0") == "1":
-        return {}
-    return {"allow_buffer_reuse": False}
-
-
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str,
                   mode: Optional[str] = None) -> Callable:
     if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         inductor_call.install()
-        patches = {**inductor_memory_config(), **inductor_config_for_mode(mode)}
-        if patches:
-            return compile_fx(gm, example_inputs, config_patches=patches)
-        return compile_fx(gm, example_inputs)
+        # (pooled buffer reuse kept to short holds: see inductor_memory)
+        memory_patches, wrap_inner = inductor_memory.compile_settings()
+        patches = {**memory_patches, **inductor_config_for_mode(mode)}
+        kwargs = {"config_patches": patches} if patches else {}
+        if wrap_inner is not None:
+            kwargs["inner_compile"] = wrap_inner(compile_fx_inner)
+        return compile_fx(gm, example_inputs, **kwargs)
     if mode not in (None, "default"):
         warnings.warn(f"adaattn backend: mode={mode!r} is Inductor's; inner={inner!r} "
                       "compiles without it", RuntimeWarning, stacklevel=3)

@@ -76,6 +76,8 @@ def test_plan_expands_groups_lengths_modes_and_policies():
     assert {c.seq for c in configs if c.model == "gpt" and c.mode == "infer"} == \
         {512, 1024, 2048, 4096, 8192, 16384}   # the issue's 512 to 16k
     assert configs[-1] == bench.Config("llama-eager", 16384, 1, "infer")
+    assert {c.model for c in configs if c.seq == 512} == {
+        "gpt", "llama-eager", "minilm", "minilm-sdpa", "bert-sdpa", "gpt2-sdpa", "llama-sdpa"}
     assert {c.model for c in configs if c.seq == 4096 and c.mode == "infer"} == \
         set(bench.GROUPS["default"]) | {"t5-eager", "t5-sdpa", "vit-eager", "vit-sdpa",
                                         "gpt2-medium-eager", "gpt2-medium-sdpa"}
@@ -92,7 +94,7 @@ def test_list_and_dry_run(capsys):
         assert name in out
     assert main(["bench", "--preset", "issue6", "--device", "cpu", "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert "26 config(s) x 3 compiler run(s) = 78 runs, 52 compiles" in captured.err
+    assert "30 config(s) x 3 compiler run(s) = 90 runs, 60 compiles" in captured.err
     assert "  1. gpt L=4096 B=1 infer: eager, stock, adaattn[exact]" in captured.out
 
 

@@ -341,6 +341,30 @@ def test_bias_tile_on_cuda_is_one_bound_kernel(dtype, is_bool, monkeypatch):
     assert torch.equal(got, expect) and not flash_hopper._TILE_KERNEL_ON
 
 
+@pytest.mark.gpu
+@sm90
+def test_bool_key_mask_tile_is_one_build_bound_or_not(monkeypatch):
+    """A forward's first call gets a bool mask as its uint8 view (flash._prep_mask), its bound
+    calls get it as it is: the tile kernel sees bool on both, so the build a prebuild job runs
+    (the first call's) is the one the bound calls launch, not a second compile inside the
+    model's first call. Both write the same output."""
+    monkeypatch.setattr(flash_hopper, "_TILE_LAUNCHES", {})
+    torch.manual_seed(0)
+    B, H, L, D = 2, 4, 384, 64
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.rand(B, 1, 1, L, device="cuda") > 0.3
+    keep[..., 0] = True
+    m, ms, *flags = flash._prep_mask(keep, (B, H, L, L), q.device)
+    out, lse = torch.empty_like(q), torch.empty(B, H, L, device="cuda")
+    flash_hopper.forward(q, k, v, m, ms, flags, False, 0.125, out, lse)
+    bound = flash_hopper.bind(q, k, v, m, ms, flags, False, 0.125, out, lse)
+    assert bound is not None and bound.bias is not None   # (the BIAS_TC path)
+    out_bound, lse_bound = torch.empty_like(q), torch.empty_like(lse)
+    bound(q, k, v, keep, out_bound, lse_bound)
+    assert torch.equal(out_bound, out) and torch.equal(lse_bound, lse)
+    assert [key[0] for key in flash_hopper._TILE_LAUNCHES] == [torch.bool]
+
+
 @pytest.mark.parametrize("layout", ["batch_row", "head_row", "key_vector", "offset_view"])
 def test_bias_tile_from_strided_rows(layout):
     """The additive tile copies the row through the caller's strides and storage offset

@@ -1338,7 +1338,11 @@ def forward(q, k, v, mask, mask_strides, mask_flags, is_causal, sm_scale, out, l
     sched = _schedule_on(device, schedule)
     bk = None
     if bias_tc:
-        bk = _bias_tile(mask, (q.shape[0], q.shape[1], Lq, Lk), mask_strides, mask_flags[1],
+        # (a bool mask comes here as its uint8 view, to the bound path as it is: the tile kernel
+        # gets it as bool on both, one specialisation, which a prebuild job then builds: bert-sdpa
+        # compiled a second one, 0.3 s, inside its first call on the H100)
+        tile_mask = mask.view(torch.bool) if mask_flags[1] else mask
+        bk = _bias_tile(tile_mask, (q.shape[0], q.shape[1], Lq, Lk), mask_strides, mask_flags[1],
                         q.dtype, inv_scale_split(sm_scale, q.dtype)[2])
     kernel = _LAUNCHERS.get(key) if _FAST_LAUNCH else None
     if kernel is not None:
