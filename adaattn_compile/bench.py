@@ -1011,25 +1011,51 @@ def _timing_failed(row: Row, exc: BaseException, failed: set) -> None:
     row.detail = traceback.format_exc()[-2000:]
 
 
+# A host-bound row (a forward of a few ms, the host setting its pace) reads the host's drift as
+# much as the compilers: the issue-6 sweep's GPT at L = 1024 read 0.86x stock in 3 rounds of 4
+# calls, where 60 forwards of each, alternating one by one, put ours 6 % ahead (H100,
+# 2026-11-27). On cuda a cheap row gets more calls per round and more rounds, up to these:
+MIN_ROUND_MS = 60.0       # a compiler's calls in one round take at least this long ...
+MIN_TIMED_MS = 600.0      # ... and all its rounds at least this long ...
+MAX_ROUNDS_FACTOR = 3     # ... in at most this many times the rounds asked for
+
+
+def interleave_plan(call_ms: Optional[float], repeat: int, rounds: int,
+                    device: str) -> Tuple[int, int]:
+    """(rounds, calls per round) of an interleaved row whose slowest compiler's untimed call
+    took ``call_ms``: ceil(repeat / rounds) calls in ``rounds`` rounds, more of both for a
+    cheap row on cuda (above). CPU rows are the compute's, not the host's: as asked."""
+    per_round = max(1, -(-repeat // rounds))
+    if device != "cuda" or not call_ms or call_ms <= 0:
+        return rounds, per_round
+    per_round = max(per_round, math.ceil(MIN_ROUND_MS / call_ms))
+    wanted = math.ceil(MIN_TIMED_MS / (per_round * call_ms))
+    return max(rounds, min(MAX_ROUNDS_FACTOR * rounds, wanted)), per_round
+
+
 def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -> None:
     """Time the compiled steps of one model in ``settings.interleave`` rounds, every other
-    round in reverse order, ceil(repeat / rounds) calls per row and round. Compilers timed one after
+    round in reverse order, ceil(repeat / rounds) calls per row and round (more of both for a
+    cheap row on cuda: :func:`interleave_plan`). Compilers timed one after
     the other saw the host at different speeds (a fixed Python loop ran 1.8x slower in one row
     than in the next on the H100 machine), which decides host-bound rows; in turns they share
     it. The CPU use and busy threads are those of the whole interleaved block."""
     device = settings.device
-    rounds = settings.interleave
-    per_round = max(1, -(-settings.repeat // rounds))
     accs = {id(row): _Timing() for row, _ in entries}
     failed = set()   # ids of rows whose timing raised
     # one untimed call each first: an adaattn compile after this row's own (another policy)
-    # dropped the kernels it had compiled (_cache_context), and the first call rebuilds them
+    # dropped the kernels it had compiled (_cache_context), and the first call rebuilds them;
+    # the slowest of them sizes the rounds (an overestimate only shortens them)
+    call_ms = 0.0
     for row, step in entries:
         try:
+            t0 = time.perf_counter()
             step()
+            _sync(device)
+            call_ms = max(call_ms, (time.perf_counter() - t0) * 1e3)
         except Exception as exc:
             _timing_failed(row, exc, failed)
-    _sync(device)
+    rounds, per_round = interleave_plan(call_ms, settings.repeat, settings.interleave, device)
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     usage = CpuUsage()
     for r in range(rounds):
@@ -1049,6 +1075,9 @@ def _time_interleaved(entries: List[Tuple[Row, Callable]], settings: Settings) -
         _finish_timing(row, accs[id(row)])
         row.cpu_cores_ours, row.cpu_cores_machine, row.busy_threads = ours, machine, busy
         note = f"timed in {rounds} interleaved rounds"
+        if (rounds, per_round) != interleave_plan(None, settings.repeat, settings.interleave,
+                                                  device):
+            note += f" of {per_round} calls (a cheap row: more calls, see interleave_plan)"
         if recompiled:
             note += " (a recompile happened during them)"
         row.note = (row.note + "; " if row.note else "") + note

@@ -393,6 +393,24 @@ def test_interleaved_timing_calls_every_step_once_untimed_first():
     assert rows[1].status == "error" and "kernel build failed" in rows[1].error
 
 
+@pytest.mark.parametrize("call_ms, device, expect", [
+    (None, "cuda", (3, 4)),        # no estimate: as asked (ceil(10 / 3) calls in 3 rounds)
+    (200.0, "cuda", (3, 4)),       # a slow row: as asked
+    (13.0, "cuda", (9, 5)),        # 5 calls >= 60 ms a round; 600 ms wants 10 rounds: 3x cap
+    (2.5, "cuda", (9, 24)),        # a host-bound row: 24 calls a round, 9 rounds
+    (40.0, "cuda", (4, 4)),        # 4 x 40 ms a round: 600 ms in 4 rounds
+    (2.5, "cpu", (3, 4)),          # CPU rows: as asked
+])
+def test_interleave_plan_gives_cheap_cuda_rows_more_calls(call_ms, device, expect):
+    """A cheap row on cuda gets at least MIN_ROUND_MS of calls a round and MIN_TIMED_MS in all
+    (in at most 3x the rounds asked for): the host's drift averages out over more turns."""
+    rounds, per_round = bench.interleave_plan(call_ms, 10, 3, device)
+    assert (rounds, per_round) == expect
+    if call_ms and device == "cuda":
+        assert per_round * call_ms >= bench.MIN_ROUND_MS or per_round == 4
+        assert rounds * per_round * call_ms >= bench.MIN_TIMED_MS or rounds == 9
+
+
 def test_model_and_inputs_puts_the_model_and_its_inputs_on_the_device():
     model, args, kwargs = bench.model_and_inputs("gpt", 32, device="cpu", dtype=torch.float32,
                                                  layers=1)
