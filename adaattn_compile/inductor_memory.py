@@ -8,7 +8,7 @@ costs nothing; the estimate counts every buffer as a fresh allocation, also thos
 place of a dying input, so it runs high where a graph's largest step writes in place (an
 MLP's activation). Stock graphs of eager attention peak at the (H, L, L) scores, which no
 hold fits under; ours have no scores, and Inductor then kept a layer's two (L, 8192) MLP
-buffers through the next layer's attention (16 steps on): HF Llama eager at L = 512 peaked
+buffers through the next layer's attention (17 steps on): HF Llama eager at L = 512 peaked
 29.06 MiB above its inputs against stock's 28.50 on the H100, 24.06 without pooled reuse
 (2026-11-27).
 
