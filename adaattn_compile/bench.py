@@ -1458,6 +1458,16 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def _spaced_ticks(values, min_ratio: float = 1.05) -> List[int]:
+    """Tick positions for a log axis, dropping any within ``min_ratio`` of the previous kept
+    one (ViT's 4097 tokens next to 4096: their labels would overprint)."""
+    kept: List[int] = []
+    for v in sorted(values):
+        if not kept or v >= kept[-1] * min_ratio:
+            kept.append(v)
+    return kept
+
+
 def write_plots(rows: Sequence[Row], out_dir: str) -> Tuple[List[str], Optional[str]]:
     """speedup_vs_seq.png and error_vs_speed.png; returns (paths, why not) - matplotlib is
     optional (the ``bench`` extra)."""
@@ -1481,14 +1491,17 @@ def write_plots(rows: Sequence[Row], out_dir: str) -> Tuple[List[str], Optional[
                 key = r.model + (f" [{r.policy}]" if len({x.policy for x in ok}) > 1 else "") + \
                     (f" B={r.batch}" if len({x.batch for x in ok}) > 1 else "")
                 series.setdefault(key, []).append(r)
-        for key, rs in sorted(series.items()):
+        # (the default cycle has 10 colours: the issue-6 preset plots 15 series; a colour
+        # and a marker each keep them apart)
+        colours = plt.get_cmap("tab20").colors
+        for i, (key, rs) in enumerate(sorted(series.items())):
             rs.sort(key=lambda r: r.tokens or r.seq)
             ax.plot([r.tokens or r.seq for r in rs], [r.speedup_vs_stock for r in rs],
-                    marker="o", label=key)
+                    marker="osD^v<>"[i % 7], color=colours[i % len(colours)], label=key)
         ax.axhline(1.0, color="gray", lw=1, label="stock")
         ax.axhline(1.3, color="gray", lw=1, ls="--", label="1.3x (issue 6 target)")
         ax.set_xscale("log", base=2)
-        ticks = sorted({r.tokens or r.seq for r in ok if r.mode == mode})
+        ticks = _spaced_ticks({r.tokens or r.seq for r in ok if r.mode == mode})
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
         ax.minorticks_off()
@@ -1496,7 +1509,7 @@ def write_plots(rows: Sequence[Row], out_dir: str) -> Tuple[List[str], Optional[
         ax.set_ylabel("speedup over stock torch.compile")
         ax.set_title(f"adaattn vs stock, {mode}, {ok[0].dtype} on {ok[0].device}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=2 if len(series) > 8 else 1)
     fig.tight_layout()
     path = os.path.join(out_dir, "speedup_vs_seq.png")
     fig.savefig(path, dpi=120)

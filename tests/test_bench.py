@@ -411,6 +411,16 @@ def test_interleave_plan_gives_cheap_cuda_rows_more_calls(call_ms, device, expec
         assert rounds * per_round * call_ms >= bench.MIN_TIMED_MS or rounds == 9
 
 
+@pytest.mark.parametrize("values, expect", [
+    ({4096, 4097, 512, 16384}, [512, 4096, 16384]),   # ViT's 4097 next to 4096: one label
+    ({197, 512, 1024}, [197, 512, 1024]),
+    ({1000, 1040, 1100}, [1000, 1100]),                # within 5 % of the kept 1000
+    (set(), []),
+])
+def test_spaced_ticks_drops_labels_that_would_overprint(values, expect):
+    assert bench._spaced_ticks(values) == expect
+
+
 def test_model_and_inputs_puts_the_model_and_its_inputs_on_the_device():
     model, args, kwargs = bench.model_and_inputs("gpt", 32, device="cpu", dtype=torch.float32,
                                                  layers=1)
