@@ -1524,11 +1524,22 @@ def write_plots(rows: Sequence[Row], out_dir: str) -> Tuple[List[str], Optional[
         if not rs:
             continue
         ax.scatter([r.speedup_vs_stock for r in rs], [max(r.rel_l2, 1e-9) for r in rs],
-                   marker=markers[policy], label=policy, s=40)
-        for r in rs:
-            ax.annotate(f"{r.model} {r.tokens or r.seq}" + (" T" if r.mode == "train" else ""),
-                        (r.speedup_vs_stock, max(r.rel_l2, 1e-9)), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+                   marker=markers[policy], label=policy, s=40, zorder=3)
+    # one configuration's policies joined by a thin line and named once, at its fastest
+    # point (named at every point, a model's three labels overprinted)
+    configs: Dict[Tuple, List[Row]] = {}
+    for r in ok:
+        if r.rel_l2 is not None and math.isfinite(r.rel_l2):
+            configs.setdefault((r.model, r.tokens or r.seq, r.batch, r.mode), []).append(r)
+    for (model, tokens, batch, mode), rs in configs.items():
+        rs.sort(key=lambda r: r.speedup_vs_stock)
+        if len(rs) > 1:
+            ax.plot([r.speedup_vs_stock for r in rs], [max(r.rel_l2, 1e-9) for r in rs],
+                    color="gray", lw=0.6, zorder=2)
+        ax.annotate(f"{model} {tokens}" + (f" B={batch}" if batch != 1 else "") +
+                    (" T" if mode == "train" else ""),
+                    (rs[-1].speedup_vs_stock, max(rs[-1].rel_l2, 1e-9)), fontsize=6,
+                    xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.axvline(1.0, color="gray", lw=1)
     ax.set_xlabel("speedup over stock torch.compile")
