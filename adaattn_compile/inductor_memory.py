@@ -26,7 +26,7 @@ pooled reuse), ``1``/``on`` (Inductor's own). Where Inductor's planner is not th
 was written against (torch 2.11 and 2.13: ``AllocateLine.should_reuse_buffer``), ``short``
 becomes ``off``, which keeps the peak. A compile with short holds carries a tag into
 Inductor's cache keys (:func:`_short_holds_cache_tag`), so that its plan and another's are
-never served for each other.
+never served for each other; a user's own keyed post-grad pass still runs, keyed with it.
 """
 from __future__ import annotations
 
@@ -149,10 +149,30 @@ def compile_settings() -> tuple:
     if chosen == "on":
         return {}, None
     tag = _short_holds_cache_tag()
-    if tag is not None and getattr(config, "post_grad_custom_post_pass", "absent") is None:
-        # (a user's own pass there is left alone: then the key does not tell the plans apart)
+    users = getattr(config, "post_grad_custom_post_pass", "absent")
+    if tag is None or users == "absent":
+        return {}, short_holds
+    if users is None:
         return {"post_grad_custom_post_pass": tag}, short_holds
-    return {}, short_holds
+    keyed = _with_user_pass(tag, users)
+    # (a user's pass without a uuid makes Inductor bypass its caches: nothing to tell apart)
+    return ({"post_grad_custom_post_pass": keyed} if keyed is not None else {}), short_holds
+
+
+def _with_user_pass(tag, users):
+    """The user's own keyed post-grad pass (a ``CustomGraphPass``) run as it was, under a key
+    that is its uuid and ours together; None for a pass with no uuid."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    if not isinstance(users, CustomGraphPass):
+        return None
+
+    class UserPassWithShortHoldsTag(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return users(graph)
+
+        def uuid(self):
+            return (tag.uuid(), users.uuid())
+    return UserPassWithShortHoldsTag()
 
 
 def short_holds(inner_compile: Callable) -> Callable:

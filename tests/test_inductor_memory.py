@@ -137,6 +137,37 @@ def test_switch_values(monkeypatch, value, expect):
     assert (wrap is inductor_memory.short_holds) == (expect == "short")
 
 
+def test_a_users_keyed_post_grad_pass_runs_under_a_key_with_ours(monkeypatch):
+    """A user's own post-grad pass (a CustomGraphPass) still runs, and the key Inductor caches
+    under is its uuid with ours; a pass without a uuid is left alone (Inductor then bypasses
+    its caches: no plan to tell apart)."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    monkeypatch.delenv("ADAATTN_BUFFER_REUSE", raising=False)
+    seen = []
+
+    class UsersPass(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(graph)
+
+        def uuid(self):
+            return "users-pass-v1"
+    with config.patch(post_grad_custom_post_pass=UsersPass()):
+        patches, wrap = inductor_memory.compile_settings()
+    assert wrap is inductor_memory.short_holds
+    keyed = patches["post_grad_custom_post_pass"]
+    assert keyed.uuid() == (inductor_memory._short_holds_cache_tag().uuid(), "users-pass-v1")
+    keyed("a graph")
+    assert seen == ["a graph"]
+    torch._dynamo.reset()
+    with config.patch(post_grad_custom_post_pass=UsersPass()), torch.no_grad():
+        torch.compile(TwoLayerMLP(), backend="adaattn")(torch.randn(5, 16))   # (a shape of its own)
+    assert len(seen) == 2   # ran in our compile too
+    with config.patch(post_grad_custom_post_pass=lambda graph: None):
+        patches, wrap = inductor_memory.compile_settings()
+    assert patches == {} and wrap is inductor_memory.short_holds
+
+
 def test_cache_keys_tell_the_plans_apart(monkeypatch):
     """A graph planned with short holds is never served from Inductor's cache to a compile
     planned otherwise (stock torch.compile of the same graph, Inductor's own reuse), nor the
