@@ -1518,27 +1518,26 @@ def write_plots(rows: Sequence[Row], out_dir: str) -> Tuple[List[str], Optional[
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"exact": "o", "balanced": "s", "fast": "^"}
+    measured = [r for r in ok if r.rel_l2 is not None and math.isfinite(r.rel_l2)]
+
+    def point(r: Row) -> Tuple[float, float]:
+        return r.speedup_vs_stock, max(r.rel_l2, 1e-9)   # (log axis: an exact 0 shown at 1e-9)
     for policy in POLICIES:
-        rs = [r for r in ok if r.policy == policy and r.rel_l2 is not None
-              and math.isfinite(r.rel_l2)]
-        if not rs:
-            continue
-        ax.scatter([r.speedup_vs_stock for r in rs], [max(r.rel_l2, 1e-9) for r in rs],
-                   marker=markers[policy], label=policy, s=40, zorder=3)
+        rs = [r for r in measured if r.policy == policy]
+        if rs:
+            ax.scatter(*zip(*map(point, rs)), marker=markers[policy], label=policy, s=40,
+                       zorder=3)
     # one configuration's policies joined by a thin line and named once, at its fastest
     # point (named at every point, a model's three labels overprinted)
     configs: Dict[Tuple, List[Row]] = {}
-    for r in ok:
-        if r.rel_l2 is not None and math.isfinite(r.rel_l2):
-            configs.setdefault((r.model, r.tokens or r.seq, r.batch, r.mode), []).append(r)
+    for r in measured:
+        configs.setdefault((r.model, r.tokens or r.seq, r.batch, r.mode), []).append(r)
     for (model, tokens, batch, mode), rs in configs.items():
         rs.sort(key=lambda r: r.speedup_vs_stock)
         if len(rs) > 1:
-            ax.plot([r.speedup_vs_stock for r in rs], [max(r.rel_l2, 1e-9) for r in rs],
-                    color="gray", lw=0.6, zorder=2)
+            ax.plot(*zip(*map(point, rs)), color="gray", lw=0.6, zorder=2)
         ax.annotate(f"{model} {tokens}" + (f" B={batch}" if batch != 1 else "") +
-                    (" T" if mode == "train" else ""),
-                    (rs[-1].speedup_vs_stock, max(rs[-1].rel_l2, 1e-9)), fontsize=6,
+                    (" T" if mode == "train" else ""), point(rs[-1]), fontsize=6,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.axvline(1.0, color="gray", lw=1)

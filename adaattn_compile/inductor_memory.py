@@ -111,30 +111,41 @@ def install() -> bool:
         return _installed
 
 
-_cache_tag = None
+_TAG_UUID = f"adaattn-buffer-reuse-short-{MAX_HELD_STEPS}-{SMALL_HOLD_FRACTION}"
+_tag_class = None
 
 
-def _short_holds_cache_tag():
-    """A post-grad pass that does nothing, whose ``uuid`` enters Inductor's cache keys (FX graph
-    and AOT autograd caches: Inductor's way to key a compile on a custom pass): a graph
-    planned with short holds is then never served to a compile planned otherwise (stock
-    torch.compile of the same graph, another ``ADAATTN_BUFFER_REUSE``), nor one of theirs to
-    ours. None where the hook is missing."""
-    global _cache_tag
-    if _cache_tag is None:
-        try:
-            from torch._inductor.custom_graph_pass import CustomGraphPass
-        except ImportError:
-            return None
+def _short_holds_cache_tag(users_pass=None):
+    """A post-grad pass whose ``uuid`` enters Inductor's cache keys (FX graph and AOT autograd
+    caches: Inductor's way to key a compile on a custom pass): a graph planned with short holds
+    is then never served to a compile planned otherwise (stock torch.compile of the same graph,
+    another ``ADAATTN_BUFFER_REUSE``), nor one of theirs to ours. It runs ``users_pass`` (the
+    user's own keyed pass, which the config slot held) and is keyed by its uuid and ours
+    together; alone it does nothing. None where the hook is missing, or for a user's pass with
+    no uuid (Inductor then bypasses its caches: no plans to tell apart)."""
+    global _tag_class
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return None
+    if users_pass is not None and not isinstance(users_pass, CustomGraphPass):
+        return None
+    if _tag_class is None:
 
         class ShortHoldsCacheTag(CustomGraphPass):
+            def __init__(self, users_pass=None):
+                self.users_pass = users_pass
+
             def __call__(self, graph) -> None:
-                return None
+                if self.users_pass is not None:
+                    self.users_pass(graph)
 
             def uuid(self):
-                return f"adaattn-buffer-reuse-short-{MAX_HELD_STEPS}-{SMALL_HOLD_FRACTION}"
-        _cache_tag = ShortHoldsCacheTag()
-    return _cache_tag
+                if self.users_pass is None:
+                    return _TAG_UUID
+                return (_TAG_UUID, self.users_pass.uuid())
+        _tag_class = ShortHoldsCacheTag
+    return _tag_class(users_pass)
 
 
 def compile_settings() -> tuple:
@@ -148,31 +159,9 @@ def compile_settings() -> tuple:
         return {"allow_buffer_reuse": False}, None
     if chosen == "on":
         return {}, None
-    tag = _short_holds_cache_tag()
-    users = getattr(config, "post_grad_custom_post_pass", "absent")
-    if tag is None or users == "absent":
-        return {}, short_holds
-    if users is None:
-        return {"post_grad_custom_post_pass": tag}, short_holds
-    keyed = _with_user_pass(tag, users)
-    # (a user's pass without a uuid makes Inductor bypass its caches: nothing to tell apart)
-    return ({"post_grad_custom_post_pass": keyed} if keyed is not None else {}), short_holds
-
-
-def _with_user_pass(tag, users):
-    """The user's own keyed post-grad pass (a ``CustomGraphPass``) run as it was, under a key
-    that is its uuid and ours together; None for a pass with no uuid."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-    if not isinstance(users, CustomGraphPass):
-        return None
-
-    class UserPassWithShortHoldsTag(CustomGraphPass):
-        def __call__(self, graph) -> None:
-            return users(graph)
-
-        def uuid(self):
-            return (tag.uuid(), users.uuid())
-    return UserPassWithShortHoldsTag()
+    tag = (_short_holds_cache_tag(config.post_grad_custom_post_pass)
+           if hasattr(config, "post_grad_custom_post_pass") else None)
+    return ({"post_grad_custom_post_pass": tag} if tag is not None else {}), short_holds
 
 
 def short_holds(inner_compile: Callable) -> Callable:
