@@ -3,7 +3,8 @@
 Runs the whole Triton pipeline (Gluon frontend, TTGIR passes, LLVM, ptxas for sm_90a) and prints
 each variant's registers, spills and shared memory, so that layout errors, register spills and
 shared-memory overflows are found before spending device time. Needs a triton with Gluon and
-its bundled ptxas (the GPU machine's triton 3.6; here: a side venv with ``triton==3.6.0``).
+its bundled ptxas (the GPU machine's triton 3.6, or this machine's 3.9: the kernels build on
+both; ``tests/test_flash_hopper.py`` builds them with the installed one).
 
     python scripts/sm90_offline_compile.py [--dims 64,128] [--variants plain,causal,bias,mask]
 """
@@ -24,7 +25,10 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 from adaattn_compile.kernels import flash_hopper as fh  # noqa: E402
 
 
-def compile_sm90(fn, args, num_warps=4):
+def compile_sm90(fn, args, num_warps=4, gluon=True):
+    """``fn`` (a Gluon kernel, or with ``gluon=False`` a Triton-language one) built for sm90
+    with ``args`` (name -> value: tensors give pointer types, ints / floats scalars)."""
+    from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -40,14 +44,14 @@ def compile_sm90(fn, args, num_warps=4):
                    and not fn.params[i].do_not_specialize)
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(fn, sig, consts, attrs)
+    src = (GluonASTSource if gluon else ASTSource)(fn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
-def compile_or_report(fn, args, name):
+def compile_or_report(fn, args, name, **options):
     """compile_sm90, or None after printing the compiler's complaint (and its first cause)."""
     try:
-        return compile_sm90(fn, args)
+        return compile_sm90(fn, args, **options)
     except Exception as e:
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:

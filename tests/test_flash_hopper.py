@@ -4,6 +4,9 @@ Gluon has no interpreter: the kernel tests need an sm90 GPU (marked ``gpu``, ski
 The host-side choice (which calls the kernel takes, and why not) is tested everywhere.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -624,3 +627,32 @@ def test_two_key_loops_only_where_every_tile_runs_the_first(Lk, turnover, monkey
                                            (False, False, False, False), False, 0.125, q,
                                            torch.empty(2, 4, 300))[4]
         assert dict(zip(flash_hopper._CONSTEXPRS, consts))["TURNOVER"] == turnover
+
+
+def _bundled_ptxas():
+    import triton
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                       "bin", "ptxas"))
+
+
+@pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="this triton has no Gluon Hopper API")
+@pytest.mark.skipif(not _bundled_ptxas(), reason="this triton bundles no ptxas")
+@pytest.mark.parametrize("script, args, builds", [
+    ("sm90_offline_compile.py", ["--dims", "128", "--variants", "plain,causal"], 2),
+    # (the 8-bit pre-pass for bf16 and fp32 inputs, then the kernel non-causal and causal)
+    ("attn8_sm90_offline_compile.py", ["--dims", "128"], 4),
+])
+def test_gluon_kernels_build_for_sm90_with_the_installed_triton(script, args, builds):
+    """The Gluon kernels (dense and 8-bit) and the 8-bit pre-pass go through the installed
+    triton's whole pipeline to an sm90 binary, no GPU needed: Gluon's API moves between
+    releases (triton 3.7 renamed the bulk tensor copies), and a kernel that no longer builds
+    would only show on a Hopper GPU, as a warning and the slower Triton-language kernel; the
+    interpreter runs what the compiler may reject. (In a process of its own: this one runs
+    triton's interpreter.)"""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", script), *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    built = [line for line in run.stdout.splitlines() if "regs=" in line]
+    assert "FAILED" not in run.stdout and len(built) == builds, run.stdout[-3000:]

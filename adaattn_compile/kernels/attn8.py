@@ -10,11 +10,13 @@ below. Two launches a call, from :func:`forward`:
   Hadamard matrix over the padded head dim, fixed random signs): ``(QR)(KR)ᵀ = n·QKᵀ``, and the
   rotation spreads a few outlier channels over all of them (the "incoherent processing" of
   FlashAttention-3's fp8 path), so that one scale per row no longer has to cover a ×20
-  channel. K is smoothed first: the mean of its first ``BLOCK_N`` keys is subtracted from every
-  key (softmax ignores any vector subtracted from all keys, so the choice of vector is free;
-  this one every program reads from L2, with no grid-wide reduction; ``q·mean`` is kept per
-  query row so that the lse is that of the unsmoothed scores). Then INT8 with one scale per
-  row (token) for Q and K. V is quantised per key block and channel (a scale per
+  channel. fp16 / bf16 inputs are rotated by one tensor-core product in their own dtype, which
+  is exact (R's entries are +-1, the accumulator fp32); fp32 inputs in fp16 parts. K is
+  smoothed: the mean of its first ``BLOCK_N`` keys is subtracted from every key (softmax
+  ignores any vector subtracted from all keys, so the choice of vector is free; this one every
+  program reads from L2, with no grid-wide reduction; ``q·mean`` is kept per query row so that
+  the lse is that of the unsmoothed scores). Then INT8 with one scale per row (token) for Q
+  and K. V is quantised per key block and channel (a scale per
   (``BLOCK_N`` keys, channel), finer than the per-channel scale SageAttention uses and as
   cheap: the attention kernel converts every block's INT32 product anyway) and stored
   transposed, (Dv, Lk), since an 8-bit tensor-core operand must be K-major.
@@ -75,36 +77,52 @@ def _round_i8(x):
 
 
 @triton.jit
-def _rotate_quantise(x, rot, PER_BLOCK: tl.constexpr = False, SPLIT: tl.constexpr = True):
-    """-> (x·rot as int8 with one scale per row, that scale). Zero rows get scale 0. The
-    product runs on fp16 tensor cores: x scaled by its row's max into [-1, 1], with SPLIT in
-    two terms, fp16 high and low parts (22 bits of mantissa together; rot's +-1 entries are
-    exact), where one fp32 (tf32) operand pair would cost twice the registers; without, fp16's
-    rounding (2^-11 of the row's max) is a twentieth of int8's. PER_BLOCK: one scale for all
-    rows (repeated per row)."""
-    xmax = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
-    xn = x / xmax[:, None]
-    hi = xn.to(tl.float16)
-    if SPLIT:
-        lo = (xn - hi.to(tl.float32)).to(tl.float16)
-        xr = tl.dot(hi, rot) + tl.dot(lo, rot)
+def _rotate(x, rot, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
+    """-> (x·rot / f, f), f a factor per row. NATIVE (x and rot fp16 or bf16, as loaded): one
+    tensor-core product in the inputs' own dtype, exact (rot's entries are +-1, so the fp32
+    accumulator holds sums of the inputs' own values), f = 1. Else (fp32 inputs) x is scaled
+    by its row's max into [-1, 1] (f) and taken in fp16, with SPLIT in two terms, high and low
+    parts (22 bits of mantissa together), where one tf32 operand pair would cost twice the
+    registers; without, fp16's rounding (2^-11 of the row's max) is a twentieth of int8's."""
+    # (one return at the end: the compiler would also build what follows a return under a
+    # constexpr branch)
+    if NATIVE:
+        xr = tl.dot(x, rot)
+        f = tl.full([x.shape[0]], 1.0, tl.float32)
     else:
+        x = x.to(tl.float32)
+        f = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
+        hi = (x / f[:, None]).to(tl.float16)
         xr = tl.dot(hi, rot)
-    amax = tl.max(tl.abs(xr), 1)
-    if PER_BLOCK:   # the block's largest entry; xr is in units of each row's max
-        top = tl.max(amax * xmax, 0)
-        inv = 127.0 * xmax / tl.maximum(top, 1e-30)
-        return _round_i8(xr * inv[:, None]), tl.zeros_like(amax) + top / 127.0
-    inv = 127.0 / tl.maximum(amax, 1e-30)   # a zero row stays zero
-    return _round_i8(xr * inv[:, None]), amax * xmax / 127.0
+        if SPLIT:
+            lo = (x / f[:, None] - hi.to(tl.float32)).to(tl.float16)
+            xr += tl.dot(lo, rot)
+    return xr, f
 
 
 @triton.jit
-def _first_keys_mean(k_base, stride_kn, stride_kd, offs_r, offs_d, Lk, D: tl.constexpr,
-                     ROWS: tl.constexpr):
-    """K's smoothing vector: the mean of the first ROWS keys (see the module docstring)."""
+def _quantise(xr, f, PER_BLOCK: tl.constexpr = False):
+    """Rows ``xr`` (in units of their factors ``f``) -> (int8 with one scale per row, that
+    scale). Zero rows get scale 0. PER_BLOCK: one scale for all rows (repeated per row)."""
+    amax = tl.max(tl.abs(xr), 1)
+    if PER_BLOCK:   # the block's largest entry
+        top = tl.max(amax * f, 0)
+        inv = 127.0 * f / tl.maximum(top, 1e-30)
+        return _round_i8(xr * inv[:, None]), tl.zeros_like(amax) + top / 127.0
+    inv = 127.0 / tl.maximum(amax, 1e-30)   # a zero row stays zero
+    return _round_i8(xr * inv[:, None]), amax * f / 127.0
+
+
+@triton.jit
+def _first_keys_mean(k_base, stride_kn, stride_kd, offs_r, offs_d, Lk, rot, D: tl.constexpr,
+                     ROWS: tl.constexpr, NATIVE: tl.constexpr):
+    """K's smoothing vector: the mean of the first ROWS keys (see the module docstring); with
+    NATIVE rotated (its keys through the same exact product as every key's, so that K R less
+    it is K's smoothed rotation), else as it is."""
     first = tl.load(k_base + offs_r[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(offs_r[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
+    if NATIVE:
+        first = tl.dot(first, rot)
     return tl.sum(first.to(tl.float32), 0) / tl.minimum(Lk, ROWS).to(tl.float32)
 
 
@@ -115,15 +133,18 @@ def _quant_kernel(Q, K, V, Rot, Q8, QS, QM, K8, KS, V8T, VS, VC,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   Hq, Hk, Lq, Lk, Lq_p, Lk_p, n_q_blocks, qk_scale, qk_log2,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  ROWS: tl.constexpr, SM90: tl.constexpr):
+                  ROWS: tl.constexpr, SM90: tl.constexpr, NATIVE: tl.constexpr):
     """Programs (pid, b * max(Hq, Hk) + h): Q's row blocks, then K's (and V's: in the same
-    program, or with SM90 in programs of their own after K's).
+    program, or with SM90 in programs of their own after K's). NATIVE: fp16 / bf16 inputs,
+    rotated in their own dtype (see _rotate), K's smoothing vector subtracted after the
+    rotation; else fp32 inputs, smoothed, then rotated in fp16 parts.
 
     SM90 (the form :mod:`.attn8_hopper` reads): K with one scale per block of ROWS keys; V·R
     with one scale per block (rotated, no channel stands out, and a block's scale is then a
     factor per row of the P·V product, not per column), its keys in the order the kernel's P
-    operand takes them; one fp16 product per rotation (SPLIT off); K smoothed by the mean of
-    its first 16 keys (every Q and K program reads them; 128 cost each program 32 KB more)."""
+    operand takes them; fp32 inputs in one fp16 product per rotation (SPLIT off); K smoothed by
+    the mean of its first 16 keys (every Q and K program reads them; 128 cost each program
+    32 KB more)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -133,37 +154,46 @@ def _quant_kernel(Q, K, V, Rot, Q8, QS, QM, K8, KS, V8T, VS, VC,
     MEAN_ROWS: tl.constexpr = 16 if SM90 else ROWS
     offs_mean = tl.arange(0, MEAN_ROWS)
     n_k_blocks = Lk_p // ROWS
+    rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
+    d_ok = offs_d[None, :] < D
     if pid < n_q_blocks:
         rows = pid * ROWS + offs_r
         x = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                     + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-        x = x.to(tl.float32)
-        rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
-        q8, scale = _rotate_quantise(x, rot, False, not SM90)
+                    mask=(rows[:, None] < Lq) & d_ok, other=0.0)
+        xr, f = _rotate(x, rot, NATIVE, not SM90)
+        q8, scale = _quantise(xr, f)
         bh = (b * Hq + h).to(tl.int64)
         tl.store(Q8 + bh * Lq_p * BD + rows[:, None] * BD + offs_d[None, :], q8)
         tl.store(QS + bh * Lq_p + rows, scale * qk_scale)
         # what smoothing K took out of each row's scores (q . mean), for the lse
         mean = _first_keys_mean(K + b.to(tl.int64) * stride_kb
                                 + (h // (Hq // Hk)).to(tl.int64) * stride_kh,
-                                stride_kn, stride_kd, offs_mean, offs_d, Lk, D, MEAN_ROWS)
-        tl.store(QM + bh * Lq_p + rows, tl.sum(x * mean[None, :], 1) * qk_log2)
+                                stride_kn, stride_kd, offs_mean, offs_d, Lk, rot, D, MEAN_ROWS,
+                                NATIVE)
+        if NATIVE:   # both rotated: (q R)·(mean R) = BD q·mean
+            q_mean = tl.sum(xr * mean[None, :], 1) / BD
+        else:
+            q_mean = tl.sum(x.to(tl.float32) * mean[None, :], 1)
+        tl.store(QM + bh * Lq_p + rows, q_mean * qk_log2)
     elif h < Hk:
         blk = pid - n_q_blocks
         bh = (b * Hk + h).to(tl.int64)
-        rot = tl.load(Rot + offs_d[:, None] * BD + offs_d[None, :])
         if (not SM90) or blk < n_k_blocks:
             k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-            d_ok = offs_d[None, :] < D
-            mean = _first_keys_mean(k_base, stride_kn, stride_kd, offs_mean, offs_d, Lk, D,
-                                    MEAN_ROWS)
+            mean = _first_keys_mean(k_base, stride_kn, stride_kd, offs_mean, offs_d, Lk, rot, D,
+                                    MEAN_ROWS, NATIVE)
             rows = blk * ROWS + offs_r
             r_ok = rows[:, None] < Lk
             x = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=r_ok & d_ok, other=0.0).to(tl.float32)
-            x = tl.where(r_ok & d_ok, x - mean[None, :], 0.0)
-            k8, scale = _rotate_quantise(x, rot, SM90, not SM90)
+                        mask=r_ok & d_ok, other=0.0)
+            if NATIVE:
+                xr, f = _rotate(x, rot, True, False)
+                xr = tl.where(r_ok, xr - mean[None, :], 0.0)
+            else:
+                x = tl.where(r_ok & d_ok, x.to(tl.float32) - mean[None, :], 0.0)
+                xr, f = _rotate(x, rot, False, not SM90)
+            k8, scale = _quantise(xr, f, SM90)
             tl.store(K8 + bh * Lk_p * BD + rows[:, None] * BD + offs_d[None, :], k8)
             tl.store(KS + bh * Lk_p + rows, scale)
         offs_c = tl.arange(0, BDV)
@@ -177,9 +207,9 @@ def _quant_kernel(Q, K, V, Rot, Q8, QS, QM, K8, KS, V8T, VS, VC,
                         | (place & 1))
                 v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
                             + rows[:, None] * stride_vn + offs_c[None, :] * stride_vd,
-                            mask=(rows[:, None] < Lk) & (offs_c[None, :] < DV),
-                            other=0.0).to(tl.float32)
-                v8, vrow = _rotate_quantise(v, rot, True, False)
+                            mask=(rows[:, None] < Lk) & (offs_c[None, :] < DV), other=0.0)
+                vr, f = _rotate(v, rot, NATIVE, False)
+                v8, vrow = _quantise(vr, f, True)
                 tl.store(V8T + bh * BDV * Lk_p + offs_c[:, None] * Lk_p + place[None, :],
                          tl.trans(v8))
                 tl.store(VS + (bh * n_k_blocks + blk) * BDV + offs_c,
@@ -357,11 +387,11 @@ def _rotation_cpu(n: int) -> torch.Tensor:
 _ROTATIONS: dict = {}
 
 
-def _rotation(n: int, device) -> torch.Tensor:
-    key = (n, device)
+def _rotation(n: int, device, dtype=torch.float16) -> torch.Tensor:
+    key = (n, device, dtype)
     rot = _ROTATIONS.get(key)
     if rot is None:
-        rot = _ROTATIONS[key] = _rotation_cpu(n).to(device, torch.float16)
+        rot = _ROTATIONS[key] = _rotation_cpu(n).to(device, dtype)
     return rot
 
 
@@ -393,10 +423,10 @@ def clear_compiled() -> None:
 
 def _prepass_warps(bd: int, sm90: bool) -> int:
     """The pre-pass's warps a program (``ADAATTN_ATTN8_PREPASS_WARPS`` replaces it: tuning).
-    The sm90 form at D = 128 on 4 (H100, bf16, 16k tokens x 2048: 0.27-0.28 ms against
-    0.34-0.35 on 8 and 0.38 on 16, though it spills ~1 KB a thread there: offline compile;
-    D = 64 0.23 on 4 or 8). Blocks taken in 64-row tiles, twice each (the block's max, then
-    the quantisation: half the spill), measured no faster (0.29 ms), so they were not kept."""
+    The sm90 form on 4 (H100, bf16, 16k tokens x 2048, rotated in bf16: D = 128 0.205 ms
+    against 0.275 on 8; D = 64 0.147-0.154 against 0.155-0.165; twenty-eighth session).
+    Blocks taken in 64-row tiles, twice each (the block's max, then the quantisation),
+    measured no faster with the earlier fp16 rotation (0.29 ms), so they were not kept."""
     override = os.environ.get("ADAATTN_ATTN8_PREPASS_WARPS")
     if override:
         return int(override)
@@ -441,11 +471,14 @@ def quantise(q, k, v, scale=None, sm90=False):
         vc=torch.empty((B, Hk, Lk_p // rows, BDV), device=dev, dtype=torch.float32))
     n_q = Lq_p // rows
     grid = (n_q + Lk_p // rows * (2 if sm90 else 1), B * max(Hq, Hk))
+    # fp16 / bf16 inputs rotate in their own dtype, exactly; fp32 ones in fp16 parts
+    native = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+    rot = _rotation(BD, dev, q.dtype if native else torch.float16)
     launch.launch(_quant_kernel, lambda meta: grid,
-                  (q, k, v, _rotation(BD, dev), t["q8"], t["qs"], t["qm"], t["k8"], t["ks"],
+                  (q, k, v, rot, t["q8"], t["qs"], t["qm"], t["k8"], t["ks"],
                    t["v8t"], t["vs"], t["vc"], *q.stride(), *k.stride(), *v.stride(),
                    Hq, Hk, Lq, Lk, Lq_p, Lk_p, n_q, sm_scale * _LOG2E / BD, sm_scale * _LOG2E),
-                  dict(D=D, DV=Dv, BD=BD, BDV=BDV, ROWS=rows, SM90=bool(sm90),
+                  dict(D=D, DV=Dv, BD=BD, BDV=BDV, ROWS=rows, SM90=bool(sm90), NATIVE=native,
                        num_warps=_prepass_warps(BD, sm90)),
                   dev)
     t.update(Lq_p=Lq_p, Lk_p=Lk_p, rows=rows, BD=BD, BDV=BDV, sm_scale=sm_scale,

@@ -33,8 +33,12 @@ an element costs outside the tensor cores, which on 8-bit products is what bound
   621 -> 670 TFLOP/s).
 
 Speed (H100, bf16, D = 128, B·L = 16k tokens; twenty-first session): 666 / 737 TFLOP/s at
-L = 4k / 16k against cuDNN's 605 / 634; with the pre-pass (0.27 ms) the whole 8-bit forward
-is 0.82x / 1.05x cuDNN, level with the dense bf16 kernel at best (`benchmarks/RESULTS.md`).
+L = 4k / 16k against cuDNN's 605 / 634; with the pre-pass (0.205 ms since the twenty-eighth
+session) the whole 8-bit forward is 0.76x-0.82x / 1.05x cuDNN, level with the dense bf16
+kernel at best (`benchmarks/RESULTS.md`). Where the loop's time goes (ablations, twenty-eighth
+session, `scripts/attn8_where_time_goes.py`): the loop is latency-bound (~0.4 instructions a
+cycle a scheduler, at full clock); folding each tile's INT32 P·V into O (an integer add and
+two FMAs an element of O) costs 22-24 % of the kernel's time, the ``exp2``s 14 %.
 
 The pre-pass is :func:`.attn8.quantise` with ``sm90=True``. Numerics on the H100 (bf16 inputs,
 against float64 of the same inputs, B = 2, H = 8, L = 4096, D = 128; twenty-first session):
@@ -60,8 +64,10 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia import hopper as _hopper
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .flash_hopper import tma_load
 
 __all__ = ["unsupported", "attend"]
 
@@ -90,24 +96,21 @@ if AVAILABLE:
         off_b, off_h, start_m, n_blocks, n_full = _tile(n_m, Hq, Lk, BLOCK_M, BLOCK_N, CAUSAL)
         off_hk = off_h // GROUP
         mbarrier.expect(q_full.index(0), BLOCK_M * HEAD_D + HEAD_D * HEAD_D * 2)
-        tma.async_copy_global_to_shared(desc_r, [0, 0], q_full.index(0), r_smem)
+        tma_load(desc_r, [0, 0], q_full.index(0), r_smem)
         for w in gl.static_range(BLOCK_M // 64):
-            tma.async_copy_global_to_shared(desc_q, [off_b, off_h, start_m + w * 64, 0],
-                                            q_full.index(0),
-                                            q_smem.index(w).reshape([1, 1, 64, HEAD_D]))
+            tma_load(desc_q, [off_b, off_h, start_m + w * 64, 0], q_full.index(0),
+                     q_smem.index(w).reshape([1, 1, 64, HEAD_D]))
         for j in range(n_blocks):
             slot = j % STAGES
             phase = (j // STAGES) & 1
             mbarrier.wait(k_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_full.index(slot), BLOCK_N * HEAD_D)
-            tma.async_copy_global_to_shared(desc_k, [off_b, off_hk, j * BLOCK_N, 0],
-                                            k_full.index(slot),
-                                            k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
+            tma_load(desc_k, [off_b, off_hk, j * BLOCK_N, 0], k_full.index(slot),
+                     k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
             mbarrier.wait(v_empty.index(slot), phase ^ 1)
             mbarrier.expect(v_full.index(slot), BLOCK_N * HEAD_D)
-            tma.async_copy_global_to_shared(desc_v, [off_b, off_hk, 0, j * BLOCK_N],
-                                            v_full.index(slot),
-                                            v_bufs.index(slot).reshape([1, 1, HEAD_D, BLOCK_N]))
+            tma_load(desc_v, [off_b, off_hk, 0, j * BLOCK_N], v_full.index(slot),
+                     v_bufs.index(slot).reshape([1, 1, HEAD_D, BLOCK_N]))
 
     @gluon.jit
     def _scores(q, k_bufs, k_full, turn, j, s_zero, WG: gl.constexpr, STAGES: gl.constexpr):

@@ -64,6 +64,10 @@ try:  # Gluon (triton >= 3.5). Its API moves between releases: any import error 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     AVAILABLE = hasattr(gl, "warp_specialize") and hasattr(_hopper, "warpgroup_mma_wait")
+    # the bulk tensor copies' names: async_load / async_store from triton 3.7 on (the older
+    # names raise there), async_copy_global_to_shared / _shared_to_global before
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except Exception:  # pragma: no cover - depends on the installed triton
     AVAILABLE = False
 
@@ -148,7 +152,7 @@ if AVAILABLE:
         mbarrier.wait(q_empty.index(qs), ((done // QBUF) & 1) ^ 1)
         mbarrier.expect(q_full.index(qs), q_bytes)
         for w in gl.static_range(BLOCK_M // 64):
-            tma.async_copy_global_to_shared(
+            tma_load(
                 desc_q, [off_b, off_h, start_m + w * 64, 0], q_full.index(qs),
                 q_smem.index(qs * (BLOCK_M // 64) + w).reshape([1, 1, 64, HEAD_D]))
 
@@ -165,17 +169,17 @@ if AVAILABLE:
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         if BIAS_TC:
             mbarrier.expect(k_full.index(slot), kv_bytes + kb_bytes)
-            tma.async_copy_global_to_shared(
+            tma_load(
                 desc_kb, [off_b % kb_nb, off_h % kb_nh, j * BLOCK_N, 0],
                 k_full.index(slot), kb_bufs.index(slot).reshape([1, 1, BLOCK_N, 16]))
         else:
             mbarrier.expect(k_full.index(slot), kv_bytes)
-        tma.async_copy_global_to_shared(
+        tma_load(
             desc_k, [off_b, off_hk, j * BLOCK_N, 0], k_full.index(slot),
             k_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_full.index(slot), kv_bytes)
-        tma.async_copy_global_to_shared(
+        tma_load(
             desc_v, [off_b, off_hk, j * BLOCK_N, 0], v_full.index(slot),
             v_bufs.index(slot).reshape([1, 1, BLOCK_N, HEAD_D]))
 
@@ -398,14 +402,14 @@ if AVAILABLE:
             tma.store_wait(0)   # the previous tile's O has left the slab
             o_slab.store(out)
             _hopper.fence_async_shared()
-            tma.async_copy_shared_to_global(desc_o, [off_b, off_h, start_m + WG * 64, 0],
-                                            o_slab.reshape([1, 1, 64, HEAD_D]))
+            tma_store(desc_o, [off_b, off_h, start_m + WG * 64, 0],
+                      o_slab.reshape([1, 1, 64, HEAD_D]))
         elif O_TMA == 2:
             o_slab = o_smem.index(qs * NUM_WG + WG)
             o_slab.store(out)
             _hopper.fence_async_shared()
-            tma.async_copy_shared_to_global(desc_o, [off_b, off_h, start_m + WG * 64, 0],
-                                            o_slab.reshape([1, 1, 64, HEAD_D]))
+            tma_store(desc_o, [off_b, off_h, start_m + WG * 64, 0],
+                      o_slab.reshape([1, 1, 64, HEAD_D]))
         else:
             rows_o = start_m + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma_o))
             cols_o = gl.arange(0, HEAD_D, gl.SliceLayout(0, mma_o))
