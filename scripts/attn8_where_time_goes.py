@@ -2,12 +2,16 @@
 version of it, and the Gluon kernel with parts of its loop taken out.
 
     python3 scripts/attn8_where_time_goes.py --json out.json [--prepass-baseline OLD_ATTN8_PY]
+        [--kernel-baseline OLD_ATTN8_HOPPER_PY]
 
 * Pre-pass: ``attn8.quantise(..., sm90=True)`` on bf16, 16k tokens x 2048 channels, at 4 and 8
   warps a program (``ADAATTN_ATTN8_PREPASS_WARPS``); with ``--prepass-baseline`` (a copy of
   an earlier ``kernels/attn8.py``, e.g. ``git show ed72f32:adaattn_compile/kernels/attn8.py``)
   that version too, interleaved in the same process, and how far the two forms' codes and
   scales differ.
+* With ``--kernel-baseline`` (a copy of an earlier ``kernels/attn8_hopper.py``): that kernel
+  against the current one on the same pre-pass output, D = 128 / 64, causal or not, L = 4k /
+  16k, three rounds interleaved, and the largest difference between their outputs.
 * Kernel ablations: a copy of ``kernels/attn8_hopper.py`` is built with one part of the loop
   taken out, each in a process of its own, and timed on the same pre-pass output (D = 128,
   non-causal, L = 4k and 16k): ``as-is``; ``no-softmax`` (P is the scores' low byte: no
@@ -39,8 +43,8 @@ ABLATIONS = [
     ("as-is", []),
     ("no-softmax", [("        w = (p * 127.0 + 12582912.0).to(gl.int32, bitcast=True)\n",
                      "        w = s\n")]),
-    ("no-fold", [("        acc = _fold_pv(acc, pv, w_prev, alpha, o_layout)\n        l_i = l_i",
-                  "        l_i = l_i")]),
+    ("no-fold", [("WG, STAGES)\n        acc = _fold_pv(acc, pv_pend, w_pend, a_pend, o_layout)\n",
+                  "WG, STAGES)\n")]),
     ("exp2-to-max", [("        p = gl.exp2(f * gl.expand_dims(c, 1) - gl.expand_dims(m_arg, 1))",
                       "        p = gl.maximum(f * gl.expand_dims(c, 1) - gl.expand_dims(m_arg, 1),"
                       " 0.0)")]),
@@ -128,13 +132,42 @@ def sustained(fn, seconds=3.0):
             sorted({r[2] for r in rows}))
 
 
+def kernel_ab(baseline):
+    from triton.testing import do_bench
+    from adaattn_compile.kernels import attn8_hopper
+    versions = (("baseline", _module_from(baseline, "_attn8_hopper_baseline")),
+                ("current", attn8_hopper))
+    rows = []
+    for D in (128, 64):
+        for causal in (False, True):
+            for L in (4096, 16384):
+                B, H = 16384 // L, 2048 // D
+                q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(3))
+                t = attn8.quantise(q, k, v, sm90=True)
+                flops = 4 * B * H * L * L * D / (2 if causal else 1)
+                row, outs = {"D": D, "causal": causal, "L": L}, {}
+                for _ in range(3):
+                    for name, mod in versions:
+                        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="cuda")
+                        ms = do_bench(lambda: mod.attend(t, q, causal, L, o, lse),
+                                      return_mode="median")
+                        row.setdefault(f"{name}_tflops", []).append(round(flops / ms / 1e9, 1))
+                        outs[name] = o
+                row["largest_output_difference"] = \
+                    (outs["baseline"].float() - outs["current"].float()).abs().max().item()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def ablation_child(name):
     """(in a process of its own) time the kernel built with ablation ``name``."""
     from triton.testing import do_bench
     src = open(os.path.join(ROOT, "adaattn_compile", "kernels", "attn8_hopper.py")).read()
     for old, new in dict(ABLATIONS)[name]:
-        if old not in src:
-            raise SystemExit(f"ablation {name}: its text is no longer in attn8_hopper.py")
+        if src.count(old) != 1:
+            raise SystemExit(f"ablation {name}: its text is not once in attn8_hopper.py")
         src = src.replace(old, new)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "attn8_hopper_ablated.py")
@@ -165,11 +198,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--prepass-baseline", default="")
+    ap.add_argument("--kernel-baseline", default="")
     ap.add_argument("--ablation-child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ablation_child:
         return ablation_child(a.ablation_child)
     result = {"device": torch.cuda.get_device_name(), "prepass": prepass(a.prepass_baseline),
+              "kernel_ab": kernel_ab(a.kernel_baseline) if a.kernel_baseline else [],
               "ablations": []}
     # as-is first and last: the machine's drift between them bounds what a difference means
     for name in [n for n, _ in ABLATIONS] + ["as-is"]:

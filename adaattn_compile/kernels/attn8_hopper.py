@@ -31,14 +31,16 @@ an element costs outside the tensor cores, which on 8-bit products is what bound
   layout conversion shuffles P between the products.
 * The block scales of the next key tile are loaded an iteration ahead (4k non-causal, D = 128:
   621 -> 670 TFLOP/s).
+* Each tile's INT32 P·V is folded into O a step late, while the next tile's Q·Kᵀ is on the
+  tensor cores (see _step): the loop is latency-bound (~0.4 instructions a cycle a scheduler
+  at full clock), and at the end of its own step the fold sat on its dependent chain, 22-24 %
+  of the kernel's time; there, 11 %. Same output bit for bit; causal and D = 64 3-6 % faster,
+  D = 128 non-causal level (twenty-eighth session, `scripts/attn8_where_time_goes.py`).
 
 Speed (H100, bf16, D = 128, B·L = 16k tokens; twenty-first session): 666 / 737 TFLOP/s at
 L = 4k / 16k against cuDNN's 605 / 634; with the pre-pass (0.205 ms since the twenty-eighth
 session) the whole 8-bit forward is 0.76x-0.82x / 1.05x cuDNN, level with the dense bf16
-kernel at best (`benchmarks/RESULTS.md`). Where the loop's time goes (ablations, twenty-eighth
-session, `scripts/attn8_where_time_goes.py`): the loop is latency-bound (~0.4 instructions a
-cycle a scheduler, at full clock); folding each tile's INT32 P·V into O (an integer add and
-two FMAs an element of O) costs 22-24 % of the kernel's time, the ``exp2``s 14 %.
+kernel at best (`benchmarks/RESULTS.md`).
 
 The pre-pass is :func:`.attn8.quantise` with ``sm90=True``. Numerics on the H100 (bf16 inputs,
 against float64 of the same inputs, B = 2, H = 8, L = 4096, D = 128; twenty-first session):
@@ -205,15 +207,20 @@ if AVAILABLE:
 
     @gluon.jit
     def _step(q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, o_zero,
-              acc, m_i, l_i, p_prev, w_prev, ks, vs, j, n_blocks, qs, KS, VS, offs_m, Lk,
-              WG: gl.constexpr, NUM_WG: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, V_ROWS: gl.constexpr, HEAD_D: gl.constexpr,
-              CAUSAL: gl.constexpr, MASKED: gl.constexpr, s_layout: gl.constexpr,
-              o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Key tile j (``ks`` / ``vs`` its scales): issue S_j, then P_{j-1} V_{j-1}; the softmax
-        of S_j runs while the second product is on the tensor cores."""
+              acc, m_i, l_i, p_prev, w_prev, ks, vs, pv_pend, w_pend, a_pend, j, n_blocks, qs,
+              KS, VS, offs_m, Lk, WG: gl.constexpr, NUM_WG: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_ROWS: gl.constexpr,
+              HEAD_D: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key tile j (``ks`` / ``vs`` its scales): issue S_j, fold tile j-2's P·V (``pv_pend``,
+        waited for in the last step) into O while S_j is on the tensor cores, issue
+        P_{j-1} V_{j-1}; the softmax of S_j runs while that product is on the tensor cores.
+        -> the state, with P_{j-1} V_{j-1} and its factors pending for the next step. (Folded
+        at the end of its own step, the fold sat between the product's wait and the next
+        tile's Q·Kᵀ, on the loop's dependent chain.)"""
         ks_next, vs_next = _block_scales(KS, VS, j + 1, n_blocks, BLOCK_N, V_ROWS, HEAD_D)
         s_tok, slot = _scores(q, k_bufs, k_full, turn, j, s_zero, WG, STAGES)
+        acc = _fold_pv(acc, pv_pend, w_pend, a_pend, o_layout)
         prev = (j - 1) % STAGES
         mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
         pv_tok = _hopper.warpgroup_mma(p_prev, v_bufs.index(prev).permute((1, 0)), o_zero,
@@ -226,9 +233,8 @@ if AVAILABLE:
         pv = _hopper.warpgroup_mma_wait(0, deps=[pv_tok])
         _hold(p_prev)
         mbarrier.arrive(v_empty.index(prev))
-        acc = _fold_pv(acc, pv, w_prev, alpha, o_layout)
         l_i = l_i * alpha + row_sum * beta
-        return acc, m_new, l_i, p8, beta * vs, ks_next, vs_next
+        return acc, m_new, l_i, p8, beta * vs, ks_next, vs_next, pv, w_prev, alpha
 
     @gluon.jit
     def _consumer(Out, LSE, QS, QM, KS, VS, q_smem, k_bufs, v_bufs, r_smem, q_full, k_full,
@@ -274,17 +280,24 @@ if AVAILABLE:
         w = beta * vs
         ks, vs = _block_scales(KS, VS, 1, n_blocks, BLOCK_N, V_ROWS, HEAD_D)
         acc = gl.zeros([64, HEAD_D], gl.float32, o_layout)
+        # the P·V pending a fold: none yet (a zero product with factor 0 folds to nothing)
+        pv_pend = o_zero
+        w_pend = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+        a_pend = gl.full([64], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
         # tiles that need no element mask, then the diagonal / ragged-edge ones
         for j in range(1, n_full):
-            acc, m_i, l_i, p_prev, w, ks, vs = _step(
+            acc, m_i, l_i, p_prev, w, ks, vs, pv_pend, w_pend, a_pend = _step(
                 q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, o_zero, acc,
-                m_i, l_i, p_prev, w, ks, vs, j, n_blocks, qs, KS, VS, offs_m, Lk, WG, NUM_WG,
-                BLOCK_N, STAGES, V_ROWS, HEAD_D, CAUSAL, False, s_layout, o_layout, p_layout)
+                m_i, l_i, p_prev, w, ks, vs, pv_pend, w_pend, a_pend, j, n_blocks, qs, KS, VS,
+                offs_m, Lk, WG, NUM_WG, BLOCK_N, STAGES, V_ROWS, HEAD_D, CAUSAL, False,
+                s_layout, o_layout, p_layout)
         for j in range(gl.maximum(n_full, 1), n_blocks):
-            acc, m_i, l_i, p_prev, w, ks, vs = _step(
+            acc, m_i, l_i, p_prev, w, ks, vs, pv_pend, w_pend, a_pend = _step(
                 q, k_bufs, v_bufs, k_full, k_empty, v_full, v_empty, turn, s_zero, o_zero, acc,
-                m_i, l_i, p_prev, w, ks, vs, j, n_blocks, qs, KS, VS, offs_m, Lk, WG, NUM_WG,
-                BLOCK_N, STAGES, V_ROWS, HEAD_D, CAUSAL, True, s_layout, o_layout, p_layout)
+                m_i, l_i, p_prev, w, ks, vs, pv_pend, w_pend, a_pend, j, n_blocks, qs, KS, VS,
+                offs_m, Lk, WG, NUM_WG, BLOCK_N, STAGES, V_ROWS, HEAD_D, CAUSAL, True,
+                s_layout, o_layout, p_layout)
+        acc = _fold_pv(acc, pv_pend, w_pend, a_pend, o_layout)
         last = n_blocks - 1
         prev = last % STAGES
         mbarrier.wait(v_full.index(prev), (last // STAGES) & 1)
