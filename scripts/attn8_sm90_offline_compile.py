@@ -33,9 +33,10 @@ def prepass(D):
         native = dtype != torch.float32
         args = dict(Q=x, K=x, V=x, Rot=torch.empty(D, D, dtype=dtype if native else torch.float16),
                     Q8=i8, QS=f32, QM=f32, K8=i8, KS=f32, V8T=i8, VS=f32, VC=f32)
-        for n, st in zip("qkv", (x.stride(),) * 3):
-            args.update({f"stride_{n}{d}": v for d, v in zip(("b", "h", "m" if n == "q" else "n",
-                                                                "d"), st)})
+        sb, sh, sl, sd = x.stride()   # q, k and v alike
+        args.update(stride_qb=sb, stride_qh=sh, stride_qm=sl, stride_qd=sd,
+                    stride_kb=sb, stride_kh=sh, stride_kn=sl, stride_kd=sd,
+                    stride_vb=sb, stride_vh=sh, stride_vn=sl, stride_vd=sd)
         args.update(Hq=H, Hk=H, Lq=L, Lk=L, Lq_p=L, Lk_p=L, n_q_blocks=L // 128, qk_scale=0.1,
                     qk_log2=0.1, D=D, DV=D, BD=D, BDV=D, ROWS=128, SM90=True, NATIVE=native)
         name = f"pre-pass D={D} {str(dtype).replace('torch.', '')}"

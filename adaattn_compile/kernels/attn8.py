@@ -92,10 +92,11 @@ def _rotate(x, rot, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
     else:
         x = x.to(tl.float32)
         f = tl.maximum(tl.max(tl.abs(x), 1), 1e-30)
-        hi = (x / f[:, None]).to(tl.float16)
+        xn = x / f[:, None]
+        hi = xn.to(tl.float16)
         xr = tl.dot(hi, rot)
         if SPLIT:
-            lo = (x / f[:, None] - hi.to(tl.float32)).to(tl.float16)
+            lo = (xn - hi.to(tl.float32)).to(tl.float16)
             xr += tl.dot(lo, rot)
     return xr, f
 
